@@ -1,0 +1,41 @@
+"""apts_jax: data-parallel nonlinearly preconditioned trust-region training (APTS) for JAX.
+
+Reference implementation of Cruz Alegría, Trotti, Kopaničáková, Krause, *Data-Parallel Neural
+Network Training via Nonlinearly Preconditioned Trust-Region Method*, with an L-SR1 / OBS
+trust-region optimizer for optax.
+
+Public API:
+
+* :func:`trust_region` — the trust-region optimizer as an
+  :class:`optax.GradientTransformationExtraArgs` (state :class:`TrustRegionState`,
+  diagnostics :class:`TrustRegionInfo`);
+* :func:`minimize` — a jitted trust-region solver loop for deterministic problems
+  (:class:`MinimizeStats`);
+* :class:`RadiusConfig` / :data:`DEFAULT_RADIUS_CONFIG` — the radius constants and their defaults;
+* modules :mod:`~apts_jax.lsr1` (compact L-SR1 memory), :mod:`~apts_jax.obs` (OBS subproblem
+  solver), :mod:`~apts_jax.radius` (ratio and radius update), :mod:`~apts_jax.tr_model`
+  (model steps).
+
+Note: the function :func:`trust_region` and :func:`minimize` shadow the submodules of the same name
+as attributes of the package; import from the submodules with ``from apts_jax.trust_region import
+iteration`` (the ``from`` form always resolves the module).
+"""
+
+from apts_jax import lsr1, obs, radius, tr_model
+from apts_jax.minimize import MinimizeStats, minimize
+from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
+from apts_jax.trust_region import TrustRegionInfo, TrustRegionState, trust_region
+
+__all__ = [
+    "DEFAULT_RADIUS_CONFIG",
+    "MinimizeStats",
+    "RadiusConfig",
+    "TrustRegionInfo",
+    "TrustRegionState",
+    "lsr1",
+    "minimize",
+    "obs",
+    "radius",
+    "tr_model",
+    "trust_region",
+]

@@ -1,0 +1,467 @@
+r"""Running APTS on devices: subdomain layouts, the jitted outer step, SAPTS steps and the solver loop.
+
+``N`` subdomains run on ``D`` devices (``N`` a multiple of ``D``) of a one-axis mesh: each device holds
+a block of ``b = N / D`` subdomains, their data shards (a leading axis of size ``N`` on the data,
+sharded over the mesh axis) and their local L-SR1 memories. Inside :func:`jax.shard_map` the local
+phases of a block run under ``jax.vmap`` (no communication), block sums are plain sums, and the only
+cross-device communication is ``lax.psum`` over the mesh axis — three gradient-sized all-reduces per
+full-batch outer iteration (see :mod:`apts_jax.apts`). The results do not depend on how the ``N``
+subdomains are spread over devices (up to floating-point summation order).
+
+* :func:`subdomain_layout` — the mesh and block size, with input checks;
+* :func:`split_data` — reshape a data pytree into ``N`` equal shards and place them on the mesh;
+* :func:`make_apts` — ``init(params, data)``, ``step(state, data)`` (full batch, APTS) and
+  ``fresh_step(state, data)`` (new data each step, SAPTS), all jitted;
+* :func:`solve` — full-batch APTS as one jitted ``lax.while_loop``, returning params, state and
+  per-iteration statistics.
+
+Multi-host: call ``jax.distributed.initialize()`` in every process first; :func:`subdomain_layout`
+then spans ``jax.devices()`` of all processes, and data must be given as global arrays (e.g. built
+with :func:`jax.make_array_from_process_local_data`) — see ``examples/multihost.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from apts_jax import _tree
+from apts_jax.apts import _check_local_steps, outer_step, to_varying
+from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
+from apts_jax.trust_region import _strong, init_memory, make_config, validate_model
+
+__all__ = [
+    "APTSProgram",
+    "APTSRunState",
+    "OuterStats",
+    "SolveStats",
+    "SubdomainLayout",
+    "make_apts",
+    "solve",
+    "split_data",
+    "subdomain_layout",
+]
+
+_D = DEFAULT_RADIUS_CONFIG
+
+
+class SubdomainLayout(NamedTuple):
+    """``N`` subdomains on the devices of a one-axis mesh.
+
+    Attributes:
+      mesh: the mesh (one axis, ``axis_name``).
+      axis_name: the mesh axis that enumerates devices.
+      num_subdomains: ``N``.
+      per_device: ``b = N / D``.
+    """
+
+    mesh: jax.sharding.Mesh
+    axis_name: str
+    num_subdomains: int
+    per_device: int
+
+
+def subdomain_layout(
+    num_subdomains: int,
+    devices: Sequence[jax.Device] | int | None = None,
+    axis_name: str = "subdomains",
+) -> SubdomainLayout:
+    """Lay ``num_subdomains`` subdomains out over ``devices`` (default: all devices).
+
+    Args:
+      num_subdomains: ``N >= 1``, a multiple of the number of devices.
+      devices: a list of devices, a number ``D`` (the first ``D`` of ``jax.devices()``) or None.
+      axis_name: name of the mesh axis.
+
+    Raises:
+      ValueError: ``N`` is not a positive integer or not a multiple of the device count.
+    """
+    if isinstance(num_subdomains, bool) or not isinstance(num_subdomains, int | np.integer) or (
+        num_subdomains < 1
+    ):
+        raise ValueError(f"num_subdomains must be an integer >= 1, got {num_subdomains!r}.")
+    all_devices = jax.devices()
+    if devices is None:
+        devs = list(all_devices)
+        if num_subdomains % len(devs):
+            # Use the largest device count that divides N.
+            d = max(k for k in range(1, len(devs) + 1) if num_subdomains % k == 0)
+            devs = devs[:d]
+    elif isinstance(devices, int | np.integer):
+        if devices < 1 or devices > len(all_devices):
+            raise ValueError(
+                f"devices={devices} but {len(all_devices)} device(s) are available; on CPU, "
+                "simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=8 (or "
+                "jax.config.update('jax_num_cpu_devices', 8)) before JAX starts."
+            )
+        devs = list(all_devices[: int(devices)])
+    else:
+        devs = list(devices)
+    d = len(devs)
+    if num_subdomains % d:
+        raise ValueError(
+            f"num_subdomains={num_subdomains} is not a multiple of the {d} device(s); use a "
+            f"multiple of {d} subdomains (each device runs the same number) or fewer devices."
+        )
+    mesh = jax.sharding.Mesh(np.asarray(devs), (axis_name,))
+    return SubdomainLayout(mesh, axis_name, int(num_subdomains), int(num_subdomains) // d)
+
+
+def split_data(layout: SubdomainLayout, data: Any) -> Any:
+    """Reshape every leaf ``(S, ...)`` of ``data`` to ``(N, S/N, ...)`` and shard it over the mesh.
+
+    Raises:
+      ValueError: a leaf has no leading axis, leaves disagree on the sample count, or ``S`` is not
+        divisible by ``N``.
+    """
+    n = layout.num_subdomains
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(data)[0]
+    if not leaves_with_path:
+        raise ValueError("data has no array leaves.")
+    counts = set()
+    for path, leaf in leaves_with_path:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"data leaf {_tree.path_str(path)} is a scalar; every leaf needs a leading "
+                "sample axis."
+            )
+        counts.add(shape[0])
+    if len(counts) != 1:
+        raise ValueError(f"data leaves have different sample counts {sorted(counts)}.")
+    (samples,) = counts
+    if samples % n:
+        raise ValueError(
+            f"{samples} samples cannot be split into {n} equal shards; drop "
+            f"{samples % n} sample(s) or choose a number of subdomains that divides {samples}."
+        )
+    sharding = NamedSharding(layout.mesh, P(layout.axis_name))
+
+    def place(leaf: Any) -> Array:
+        arr = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+        arr = arr.reshape((n, samples // n) + tuple(arr.shape[1:]))
+        return jax.device_put(arr, sharding)
+
+    return jax.tree.map(place, data)
+
+
+class APTSRunState(NamedTuple):
+    """State of a multi-device APTS run (global arrays; local parts carry a leading axis ``N``).
+
+    Attributes:
+      count: outer iterations done.
+      params: flat :math:`\\theta` (replicated).
+      value, grad: global :math:`f`, :math:`\\nabla f` at ``params``.
+      local_value, local_grad: ``(N,)``, ``(N, n)`` per-subdomain values/gradients at ``params``.
+      radius: global radius :math:`\\Delta`.
+      local_memory: per-subdomain L-SR1 memories (leading axis ``N``) or None.
+      global_memory: global L-SR1 memory or None.
+      num_accepted, num_rejected: APTS steps accepted/rejected so far.
+      num_fun_evals: value-and-gradient evaluations per subdomain so far (max over subdomains).
+    """
+
+    count: Array
+    params: Array
+    value: Array
+    grad: Array
+    local_value: Array
+    local_grad: Array
+    radius: Array
+    local_memory: Any
+    global_memory: Any
+    num_accepted: Array
+    num_rejected: Array
+    num_fun_evals: Array
+
+
+class OuterStats(NamedTuple):
+    """Diagnostics of one outer iteration (replicated scalars; ``local_iterations`` is ``(N,)``)."""
+
+    value: Array
+    radius: Array
+    ratio: Array
+    accepted: Array
+    global_ratio: Array
+    global_accepted: Array
+    step_norm: Array
+    predicted_decrease: Array
+    actual_decrease: Array
+    grad_norm: Array
+    local_iterations: Array
+
+
+class APTSProgram(NamedTuple):
+    """Jitted APTS functions for one layout and loss (see :func:`make_apts`).
+
+    Attributes:
+      init: ``(params, data) -> APTSRunState`` (evaluates the loss once per subdomain).
+      step: ``(state, data) -> (state, OuterStats)``, one full-batch outer iteration.
+      fresh_step: ``(state, data) -> (state, OuterStats)``, one outer iteration on new data
+        (SAPTS: first re-evaluates the values/gradients at the current params on ``data``).
+      unravel: flat params -> params pytree.
+      layout: the :class:`SubdomainLayout`.
+    """
+
+    init: Callable[[Any, Any], APTSRunState]
+    step: Callable[[APTSRunState, Any], tuple[APTSRunState, OuterStats]]
+    fresh_step: Callable[[APTSRunState, Any], tuple[APTSRunState, OuterStats]]
+    unravel: Callable[[Array], Any]
+    layout: SubdomainLayout
+
+
+def _state_specs(axis: str, model: str) -> APTSRunState:
+    rep, loc = P(), P(axis)
+    mem_loc = None if model != "sr1" else loc
+    mem_rep = None if model != "sr1" else rep
+    return APTSRunState(
+        count=rep, params=rep, value=rep, grad=rep, local_value=loc, local_grad=loc,
+        radius=rep, local_memory=mem_loc, global_memory=mem_rep, num_accepted=rep,
+        num_rejected=rep, num_fun_evals=rep,
+    )
+
+
+def make_apts(
+    loss_fn: Callable[[Any, Any], Array],
+    params: Any,
+    layout: SubdomainLayout,
+    *,
+    local_steps: int = 5,
+    model: str = "sr1",
+    memory_size: int = 5,
+    initial_radius: float = _D.initial_radius,
+    min_radius: float = _D.min_radius,
+    max_radius: float = _D.max_radius,
+    eta1: float = _D.eta1,
+    eta2: float = _D.eta2,
+    shrink: float = _D.shrink,
+    grow: float = _D.grow,
+    boundary_fraction: float = _D.boundary_fraction,
+    skip_tol: float = 1e-8,
+    check_vma: bool = True,
+) -> APTSProgram:
+    """Build jitted APTS functions for ``loss_fn(params, shard) -> scalar`` on ``layout``.
+
+    ``loss_fn`` is the mean loss over one subdomain's data shard (a leaf-wise slice of the data
+    returned by :func:`split_data`); ``params`` (arrays or ``jax.ShapeDtypeStruct``) fixes the
+    parameter structure. Everything else as in :func:`apts_jax.apts`.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    _check_local_steps(local_steps)
+    validate_model(model, memory_size)
+    config: RadiusConfig = make_config(
+        initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction
+    )
+    spec = _tree.flat_spec(params)
+    axis = layout.axis_name
+    n_sub = layout.num_subdomains
+    b = layout.per_device
+    state_specs = _state_specs(axis, model)
+    stats_specs = OuterStats(*([P()] * 10), local_iterations=P(axis))
+
+    def block_vg(data_blk: Any) -> Callable[[Array], tuple[Array, Array]]:
+        def vg(z: Array) -> tuple[Array, Array]:
+            zv = to_varying(z, axis)
+
+            def one(shard: Any) -> tuple[Array, Array]:
+                v, g = jax.value_and_grad(lambda f: loss_fn(_tree.unravel(spec, f), shard))(zv)
+                return jnp.asarray(v, spec.dtype), g.astype(spec.dtype)
+
+            return jax.vmap(one)(data_blk)
+
+        return vg
+
+    def evaluate(x: Array, data_blk: Any) -> tuple[Array, Array, Array, Array]:
+        lv, lg = block_vg(data_blk)(x)
+        packed = jnp.concatenate([lg, lv[:, None]], axis=1)
+        mean = jax.lax.psum(jnp.sum(packed, axis=0), axis) / n_sub
+        return lv, lg, mean[-1], mean[:-1]
+
+    def init_body(x: Array, data_blk: Any) -> APTSRunState:
+        lv, lg, v, g = evaluate(x, data_blk)
+        dtype = spec.dtype
+        mem = init_memory(model, spec.size, memory_size, dtype)
+        local_mem = None if mem is None else jax.tree.map(
+            lambda a: to_varying(jnp.broadcast_to(a, (b,) + a.shape), axis), mem
+        )
+        zero_i = jnp.zeros((), jnp.int32)
+        return APTSRunState(
+            count=zero_i, params=x, value=v, grad=g, local_value=lv, local_grad=lg,
+            radius=_strong(jnp.asarray(config.initial_radius, dtype)), local_memory=local_mem,
+            global_memory=mem, num_accepted=zero_i, num_rejected=zero_i, num_fun_evals=zero_i + 1,
+        )
+
+    def step_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
+        out = outer_step(
+            block_vg(data_blk), state.params, state.value, state.grad, state.local_value,
+            state.local_grad, state.radius, state.local_memory, state.global_memory,
+            axis_name=axis, num_subdomains=n_sub, local_steps=local_steps, model=model,
+            config=config, skip_tol=skip_tol,
+        )
+        evals = jax.lax.pmax(jnp.max(out.evaluations), axis)
+        new = APTSRunState(
+            count=state.count + 1, params=out.params, value=out.value, grad=out.grad,
+            local_value=out.local_value, local_grad=out.local_grad, radius=out.radius,
+            local_memory=out.local_memory, global_memory=out.global_memory,
+            num_accepted=state.num_accepted + out.accepted.astype(jnp.int32),
+            num_rejected=state.num_rejected + (~out.accepted).astype(jnp.int32),
+            num_fun_evals=state.num_fun_evals + evals,
+        )
+        stats = OuterStats(
+            value=out.value, radius=out.radius, ratio=out.ratio, accepted=out.accepted,
+            global_ratio=out.global_ratio, global_accepted=out.global_accepted,
+            step_norm=out.step_norm, predicted_decrease=out.predicted_decrease,
+            actual_decrease=out.actual_decrease, grad_norm=jnp.linalg.norm(out.grad),
+            local_iterations=out.local_iterations,
+        )
+        return new, stats
+
+    def fresh_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
+        lv, lg, v, g = evaluate(state.params, data_blk)
+        state = state._replace(
+            value=v, grad=g, local_value=lv, local_grad=lg, num_fun_evals=state.num_fun_evals + 1
+        )
+        return step_body(state, data_blk)
+
+    data_spec = P(axis)
+    smap = functools.partial(jax.shard_map, mesh=layout.mesh, check_vma=check_vma)
+    init_sm = jax.jit(smap(init_body, in_specs=(P(), data_spec), out_specs=state_specs))
+    step_sm = jax.jit(
+        smap(step_body, in_specs=(state_specs, data_spec), out_specs=(state_specs, stats_specs)),
+        donate_argnums=0,
+    )
+    fresh_sm = jax.jit(
+        smap(fresh_body, in_specs=(state_specs, data_spec), out_specs=(state_specs, stats_specs)),
+        donate_argnums=0,
+    )
+    replicated = NamedSharding(layout.mesh, P())
+
+    def init(params: Any, data: Any) -> APTSRunState:
+        _tree.check_same_structure(spec, params, "params")
+        x = jax.device_put(_tree.ravel(spec, params), replicated)
+        return init_sm(x, data)
+
+    return APTSProgram(
+        init=init,
+        step=step_sm,
+        fresh_step=fresh_sm,
+        unravel=functools.partial(_tree.unravel, spec),
+        layout=layout,
+    )
+
+
+class SolveStats(NamedTuple):
+    """Statistics of :func:`solve` (histories have one entry per outer iteration, NaN-padded).
+
+    Attributes:
+      iterations: outer iterations run.
+      value: final global loss.
+      grad_norm: final global gradient norm.
+      radius: final radius.
+      num_accepted, num_rejected: APTS steps accepted/rejected.
+      num_fun_evals: value-and-gradient evaluations per subdomain.
+      value_history, radius_history, ratio_history: per outer iteration (after the iteration).
+      accepted_history: bool per outer iteration (False past ``iterations``).
+    """
+
+    iterations: Array
+    value: Array
+    grad_norm: Array
+    radius: Array
+    num_accepted: Array
+    num_rejected: Array
+    num_fun_evals: Array
+    value_history: Array
+    radius_history: Array
+    ratio_history: Array
+    accepted_history: Array
+
+
+def solve(
+    loss_fn: Callable[[Any, Any], Array],
+    params: Any,
+    data: Any,
+    *,
+    subdomains: int,
+    devices: Sequence[jax.Device] | int | None = None,
+    max_iterations: int = 100,
+    gtol: float = 1e-6,
+    local_steps: int = 5,
+    model: str = "sr1",
+    memory_size: int = 5,
+    check_vma: bool = True,
+    **radius_constants: float,
+) -> tuple[Any, APTSRunState, SolveStats]:
+    """Full-batch APTS on ``subdomains`` equal data shards as one jitted ``lax.while_loop``.
+
+    Args:
+      loss_fn: ``loss_fn(params, shard) -> scalar``, the mean loss over one shard of ``data``.
+      params: initial parameters (pytree of float arrays).
+      data: pytree of arrays with a common leading sample axis, split into ``subdomains`` shards.
+      subdomains: ``N``.
+      devices: devices to use (list or count; default: all, or the most that divide ``N``).
+      max_iterations: outer-iteration budget.
+      gtol: stop when ``||grad|| <= gtol * max(1, ||grad_0||)``.
+      local_steps, model, memory_size, check_vma: see :func:`make_apts`.
+      **radius_constants: ``initial_radius``, ``min_radius``, ... (see :func:`apts_jax.apts`).
+
+    Returns:
+      ``(params, state, stats)``.
+    """
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or (
+        max_iterations < 1
+    ):
+        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}.")
+    if not np.isfinite(gtol) or gtol < 0:
+        raise ValueError(f"gtol must be finite and >= 0, got {gtol!r}.")
+    layout = subdomain_layout(subdomains, devices)
+    sharded = split_data(layout, data)
+    prog = make_apts(
+        loss_fn, params, layout, local_steps=local_steps, model=model, memory_size=memory_size,
+        check_vma=check_vma, **radius_constants,
+    )
+    state = prog.init(params, sharded)
+    state, stats = _solve_loop(prog, state, sharded, max_iterations, float(gtol))
+    return prog.unravel(state.params), state, stats
+
+
+def _solve_loop(
+    prog: APTSProgram, state: APTSRunState, data: Any, max_iterations: int, gtol: float
+) -> tuple[APTSRunState, SolveStats]:
+    dtype = state.params.dtype
+
+    @jax.jit
+    def run(state: APTSRunState, data: Any) -> tuple[APTSRunState, SolveStats]:
+        target = gtol * jnp.maximum(1.0, jnp.linalg.norm(state.grad))
+        hist = jnp.full((max_iterations,), jnp.nan, dtype)
+        carry0 = (state, hist, hist, hist, jnp.zeros((max_iterations,), bool), jnp.int32(0))
+
+        def cond(c: Any) -> Array:
+            st, *_, k = c
+            converged = jnp.linalg.norm(st.grad) <= target
+            return (k < max_iterations) & ~converged
+
+        def body(c: Any) -> Any:
+            st, hv, hr, hq, ha, k = c
+            st, s = prog.step(st, data)
+            return (st, hv.at[k].set(s.value), hr.at[k].set(s.radius), hq.at[k].set(s.ratio),
+                    ha.at[k].set(s.accepted), k + 1)
+
+        st, hv, hr, hq, ha, k = jax.lax.while_loop(cond, body, carry0)
+        stats = SolveStats(
+            iterations=k, value=st.value, grad_norm=jnp.linalg.norm(st.grad), radius=st.radius,
+            num_accepted=st.num_accepted, num_rejected=st.num_rejected,
+            num_fun_evals=st.num_fun_evals, value_history=hv, radius_history=hr,
+            ratio_history=hq, accepted_history=ha,
+        )
+        return st, stats
+
+    return run(state, data)

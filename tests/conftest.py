@@ -1,0 +1,62 @@
+"""Shared fixtures: float64 switch for one test, deterministic seeds."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+# Make ``import dense_reference`` work regardless of how pytest was invoked.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 in JAX for one test and restore the previous setting afterwards."""
+    previous = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def x32():
+    """Force float32 (x64 disabled) for one test and restore the previous setting afterwards."""
+    previous = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def precision(request):
+    """Parametrise a test over float32 / float64; yields the numpy dtype; restores x64 after."""
+    previous = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", request.param == "float64")
+    try:
+        yield np.dtype(request.param)
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def seed_from(*parts) -> int:
+    """Stable 32-bit seed from arbitrary parts (independent of PYTHONHASHSEED)."""
+    return zlib.crc32(repr(parts).encode()) & 0xFFFFFFFF
+
+
+def make_rng(*parts) -> np.random.Generator:
+    return np.random.default_rng(seed_from(*parts))
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """numpy Generator seeded from the test's node id: deterministic and different per test."""
+    return make_rng(request.node.nodeid)
