@@ -1,5 +1,8 @@
-"""``python -m apts_jax``: the main job (see :mod:`apts_jax.demo`)."""
+"""``python -m apts_jax [train] [options]``: the ``apts-jax`` command line.
 
-from apts_jax.demo import main
+With no arguments it runs the default training job (see ``python -m apts_jax train --help``).
+"""
+
+from apts_jax.app.cli import main
 
 raise SystemExit(main())

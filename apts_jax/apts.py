@@ -54,8 +54,8 @@ import optax
 from jax import Array
 
 from apts_jax import _tree
-from apts_jax._vma import match_vma, varying_axes
 from apts_jax import radius as radius_lib
+from apts_jax._vma import match_vma, varying_axes
 from apts_jax.lsr1 import LSR1Memory
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
 from apts_jax.trust_region import (
@@ -97,6 +97,22 @@ def _manual_axes() -> frozenset[Any]:
         return frozenset(getattr(mesh, "manual_axes", ()) or ())
     except Exception:  # pragma: no cover - very old/new JAX without abstract meshes
         return frozenset()
+
+
+def _vma_checked_axes(axis_name: AxisName | None) -> frozenset[Any]:
+    """Axes of ``axis_name`` whose values carry varying types (``shard_map`` with ``check_vma=True``).
+
+    ``pmap`` (which runs as a ``shard_map`` with ``check_vma=False``) and ``shard_map(...,
+    check_vma=False)`` bind manual mesh axes too, but nothing is typed varying there; the
+    ``axis_index`` of an axis is varying exactly when the check is on.
+    """
+    if axis_name is None:
+        return frozenset()
+    manual = _manual_axes()
+    return frozenset(
+        a for a in _axes(axis_name)
+        if a in manual and a in varying_axes(jax.lax.axis_index(a))
+    )
 
 
 def to_varying(tree: Any, axis_name: AxisName) -> Any:
@@ -616,9 +632,8 @@ def apts(
         else:
             _tree.check_same_structure(spec, grad, "grad")
             g_flat = _tree.ravel(spec, grad)
-            if axis_name is not None and _manual_axes() and not (
-                varying_axes(g_flat) & set(_axes(axis_name))
-            ):
+            checked = _vma_checked_axes(axis_name)
+            if checked and not (varying_axes(g_flat) & checked):
                 raise ValueError(
                     "apts: grad is replicated across the subdomain axis "
                     f"{axis_name!r}; inside jax.shard_map, jax.grad of replicated params returns "

@@ -131,8 +131,15 @@ def _spectral(psi_psi: Array, m_inv: Array, psi_g: Array, gamma: Array, mask: Ar
     return _Eigen(lam, valid, coeff, g_par, rank)
 
 
-def _times(psi: Array, coeff: Array) -> Array:
-    return jnp.matmul(psi, coeff.astype(psi.dtype), precision=_HIGHEST)
+def _psi_t(s: Array, y: Array, gamma: Array, v: Array) -> Array:
+    """``Psi^T v = Y^T v - gamma S^T v`` without forming ``Psi`` (one pass over S and Y)."""
+    return _dot_t(y, v) - gamma * _dot_t(s, v)
+
+
+def _psi_times(s: Array, y: Array, gamma: Array, coeff: Array) -> Array:
+    """``Psi c = Y c - S (gamma c)`` without forming ``Psi`` (one pass over S and Y)."""
+    c = coeff.astype(s.dtype)
+    return jnp.matmul(y, c, precision=_HIGHEST) - jnp.matmul(s, gamma * c, precision=_HIGHEST)
 
 
 def _solve(
@@ -155,8 +162,9 @@ def _solve(
     delta = jnp.asarray(radius, ct)
 
     # --- one pass over S, Y, g -------------------------------------------------------------
-    psi = y - gamma_p * s  # invalid columns are multiplied by zero coefficients below
-    psi_g = _dot_t(psi, g).astype(ct)
+    # Psi = Y - gamma S is never formed: the two products with it each read S and Y once. The
+    # Gram matrices (the cancellation-prone part) come from the explicit Psi (lsr1.gram_matrices).
+    psi_g = _psi_t(s, y, gamma_p, g).astype(ct)
     g_norm2 = jnp.vdot(g, g).astype(ct)
     g_norm = jnp.sqrt(g_norm2)
 
@@ -175,10 +183,11 @@ def _solve(
     explicit = has_perp & (a_perp_gram < 0.1 * g_norm)
 
     def explicit_perp() -> tuple[Array, Array]:
-        g_perp = g - _times(psi, eig.coeff @ eig.g_par)
+        g_perp = g - _psi_times(s, y, gamma_p, eig.coeff @ eig.g_par)
         # Project once more ("twice is enough"): the first residual is orthogonal to span(Psi)
         # only up to round-off relative to ||g||, which 1/tau would amplify.
-        g_perp = g_perp - _times(psi, eig.coeff @ (eig.coeff.T @ _dot_t(psi, g_perp).astype(ct)))
+        proj = eig.coeff.T @ _psi_t(s, y, gamma_p, g_perp).astype(ct)
+        g_perp = g_perp - _psi_times(s, y, gamma_p, eig.coeff @ proj)
         return jnp.sqrt(jnp.vdot(g_perp, g_perp).astype(ct)), g_perp
 
     a_perp, h = jax.lax.cond(explicit, explicit_perp, lambda: (a_perp_gram, g))
@@ -266,7 +275,7 @@ def _solve(
 
     # Complement eigenvector u = (e_j - P_par P_par[j]^T) / ||.||, j among the first m + 1 rows.
     rows = min(m + 1, n)
-    p_rows = psi[:rows].astype(ct) @ eig.coeff  # (rows, m)
+    p_rows = (y[:rows] - gamma_p * s[:rows]).astype(ct) @ eig.coeff  # (rows, m)
     row_norm2 = jnp.sum(p_rows**2, axis=1)
     j = jnp.argmin(row_norm2)
     u_norm = jnp.sqrt(jnp.maximum(1.0 - row_norm2[j], 0.0))
@@ -297,7 +306,7 @@ def _solve(
     # --- assemble p = coef_g g_perp + beta e_j + Psi C (c - beta P_j^T) ----------------------
     # with g_perp = h explicitly, or h = g and g_perp = g - Psi C g_par folded into the sum.
     v = eig.coeff @ (coord_par - jnp.where(explicit, 0.0, coef_g) * eig.g_par - beta * p_rows[j])
-    step = coef_g.astype(dtype) * h + _times(psi, v)
+    step = coef_g.astype(dtype) * h + _psi_times(s, y, gamma_p, v)
     step = step.at[j].add(beta.astype(dtype))
     norm_actual = jnp.sqrt(jnp.vdot(step, step).astype(ct))
     factor = jnp.where(norm_actual > delta, delta / jnp.where(norm_actual > 0, norm_actual, 1.0),

@@ -44,6 +44,7 @@ __all__ = [
     "OuterStats",
     "SolveStats",
     "SubdomainLayout",
+    "local_subdomains",
     "make_apts",
     "solve",
     "split_data",
@@ -115,14 +116,24 @@ def subdomain_layout(
     return SubdomainLayout(mesh, axis_name, int(num_subdomains), int(num_subdomains) // d)
 
 
-def split_data(layout: SubdomainLayout, data: Any) -> Any:
-    """Reshape every leaf ``(S, ...)`` of ``data`` to ``(N, S/N, ...)`` and shard it over the mesh.
+def local_subdomains(layout: SubdomainLayout) -> np.ndarray:
+    """Global indices (ascending) of the subdomains held by this process's devices.
 
-    Raises:
-      ValueError: a leaf has no leading axis, leaves disagree on the sample count, or ``S`` is not
-        divisible by ``N``.
+    Subdomain ``i`` lives on the device at mesh position ``i // per_device``. In a single process
+    this is ``arange(N)``; after ``jax.distributed.initialize`` each process holds the subdomains
+    of its own devices (contiguous blocks when the mesh follows ``jax.devices()``, which lists the
+    devices process by process). Use it to decide which samples a process loads for
+    ``split_data(..., process_local=True)``: with the global data split into ``N`` consecutive
+    shards of ``S/N`` samples, a process loads the shards ``local_subdomains(layout)``, in order.
     """
-    n = layout.num_subdomains
+    me = jax.process_index()
+    devices = list(layout.mesh.devices.flat)
+    b = layout.per_device
+    mine = [j for j, d in enumerate(devices) if d.process_index == me]
+    return np.asarray([j * b + k for j in mine for k in range(b)], dtype=np.int64)
+
+
+def _leading_count(data: Any, what: str) -> int:
     leaves_with_path = jax.tree_util.tree_flatten_with_path(data)[0]
     if not leaves_with_path:
         raise ValueError("data has no array leaves.")
@@ -132,18 +143,66 @@ def split_data(layout: SubdomainLayout, data: Any) -> Any:
         if len(shape) == 0:
             raise ValueError(
                 f"data leaf {_tree.path_str(path)} is a scalar; every leaf needs a leading "
-                "sample axis."
+                f"{what} axis."
             )
         counts.add(shape[0])
     if len(counts) != 1:
-        raise ValueError(f"data leaves have different sample counts {sorted(counts)}.")
-    (samples,) = counts
+        raise ValueError(f"data leaves have different {what} counts {sorted(counts)}.")
+    (count,) = counts
+    return int(count)
+
+
+def split_data(layout: SubdomainLayout, data: Any, *, process_local: bool = False) -> Any:
+    """Reshape every leaf ``(S, ...)`` of ``data`` to ``(N, S/N, ...)`` and shard it over the mesh.
+
+    Args:
+      layout: the :class:`SubdomainLayout`.
+      data: pytree of arrays with a common leading sample axis.
+      process_local: False (default): ``data`` is the whole data set, identical in every process
+        (in a multi-process run JAX checks this with a collective; every process holds all of
+        it). True: ``data`` holds only *this process's* samples, the concatenated shards of the
+        subdomains :func:`local_subdomains` in that order (``S_p = n_p * S/N`` samples for
+        ``n_p`` local subdomains; every process must pass the same shard size ``S/N``); the
+        global arrays are assembled with :func:`jax.make_array_from_process_local_data`, so no
+        process needs the others' data. This is the way to feed multi-host runs (after
+        ``jax.distributed.initialize``); in a single process both modes agree.
+
+    Raises:
+      ValueError: a leaf has no leading axis, leaves disagree on the sample count, ``S`` (or
+        ``S_p``) is not divisible by ``N`` (or ``n_p``), or this process holds no subdomain.
+    """
+    n = layout.num_subdomains
+    samples = _leading_count(data, "sample")
+    sharding = NamedSharding(layout.mesh, P(layout.axis_name))
+    if process_local:
+        n_local = int(local_subdomains(layout).size)
+        if n_local == 0:
+            raise ValueError(
+                f"process {jax.process_index()} has no device in the layout's mesh, so it holds "
+                "no subdomain; build the layout over devices of every process "
+                "(subdomain_layout(N) with N a multiple of jax.device_count())."
+            )
+        if samples % n_local:
+            raise ValueError(
+                f"{samples} process-local samples cannot be split into the {n_local} subdomain "
+                f"shards of process {jax.process_index()}; pass a multiple of {n_local} samples."
+            )
+        shard = samples // n_local
+
+        def place_local(leaf: Any) -> Array:
+            arr = np.asarray(leaf)
+            arr = arr.reshape((n_local, shard) + tuple(arr.shape[1:]))
+            return jax.make_array_from_process_local_data(
+                sharding, arr, (n, shard) + tuple(arr.shape[2:])
+            )
+
+        return jax.tree.map(place_local, data)
+
     if samples % n:
         raise ValueError(
             f"{samples} samples cannot be split into {n} equal shards; drop "
             f"{samples % n} sample(s) or choose a number of subdomains that divides {samples}."
         )
-    sharding = NamedSharding(layout.mesh, P(layout.axis_name))
 
     def place(leaf: Any) -> Array:
         arr = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
@@ -346,7 +405,12 @@ def make_apts(
 
     def init(params: Any, data: Any) -> APTSRunState:
         _tree.check_same_structure(spec, params, "params")
-        x = jax.device_put(_tree.ravel(spec, params), replicated)
+        x = _tree.ravel(spec, params)
+        if not replicated.is_fully_addressable and getattr(x, "is_fully_addressable", False):
+            # Multi-process: device_put rejects a committed local array for a mesh spanning
+            # other processes' devices; a host copy is accepted (and checked to agree).
+            x = np.asarray(x)
+        x = jax.device_put(x, replicated)
         return init_sm(x, data)
 
     return APTSProgram(

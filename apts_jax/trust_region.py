@@ -260,10 +260,11 @@ def iteration(
         # Feed zeros instead of non-finite entries so that no NaN is even computed with.
         s_in = jnp.where(offer, ms.step, jnp.zeros_like(ms.step))
         y_in = jnp.where(offer, y, jnp.zeros_like(y))
+        # A zero step is never stored (lsr1.update skips s = 0 and returns the memory unchanged),
+        # so no second select over the (n, m) buffers is needed.
         candidate, stored = lsr1.update(memory, s_in, y_in, skip_tol=skip_tol)
         pair_stored = offer & jnp.asarray(stored, bool)
-        candidate = jax.tree.map(_cast_like, candidate, memory)
-        new_memory = _select(pair_stored, candidate, memory)
+        new_memory = jax.tree.map(_cast_like, candidate, memory)
     else:
         new_memory = None
         pair_stored = jnp.zeros((), bool)

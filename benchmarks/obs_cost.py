@@ -1,7 +1,7 @@
 """Cost of the OBS trust-region subproblem solve next to one MLP gradient, on this machine.
 
 Times ``apts_jax.obs.solve`` (and ``apts_jax.obs.solve_memory``, which reuses the Gram matrices
-S^T S, S^T Y, Y^T Y cached in an ``LSR1Memory``) for float32 problems of size n and memory m,
+Psi^T Psi and S^T Psi cached in an ``LSR1Memory``) for float32 problems of size n and memory m,
 side by side with one jitted ``value_and_grad`` of a 784-512-256-10 ReLU MLP (softmax
 cross-entropy, pure ``jax.numpy``) on 10,000 random 28x28 samples.
 
@@ -130,14 +130,9 @@ def two_pass_floor(g: jax.Array, s: jax.Array, y: jax.Array, gamma: jax.Array) -
 def make_memory(s: jax.Array, y: jax.Array, gamma: jax.Array) -> lsr1.LSR1Memory:
     """A full LSR1Memory holding exactly the pairs (S, Y), with its Gram matrices."""
     m = s.shape[1]
+    _, psi_psi, s_psi = lsr1.gram_matrices(s, y, gamma, lsr1.compute_dtype(s.dtype))
     return lsr1.LSR1Memory(
-        s=s,
-        y=y,
-        mask=jnp.ones((m,), bool),
-        gamma=gamma,
-        ss=s.T @ s,
-        sy=s.T @ y,
-        yy=y.T @ y,
+        s=s, y=y, mask=jnp.ones((m,), bool), gamma=gamma, psi_psi=psi_psi, s_psi=s_psi
     )
 
 

@@ -1,14 +1,22 @@
-"""Shared fixtures: float64 switch for one test, deterministic seeds."""
+"""Shared fixtures: float64 switch for one test, deterministic seeds.
+
+The test session simulates 8 CPU devices (for the data-parallel APTS tests). This must happen
+before JAX initialises its backends, hence the config update at the very top of this file, which
+pytest imports before any test module.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-import zlib
-
 import jax
-import numpy as np
-import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import os  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Make ``import dense_reference`` work regardless of how pytest was invoked.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -105,7 +105,7 @@ def test_init(precision, gamma):
     assert float(mem.gamma) == gamma
     assert not np.any(_np(mem.mask))
     assert int(num_pairs_j(mem)) == 0
-    for G in (mem.ss, mem.sy, mem.yy):
+    for G in (mem.psi_psi, mem.s_psi):
         assert G.shape == (m, m)
         assert not np.any(_np(G))
     np.testing.assert_array_equal(_np(dense_j(mem)), gamma * np.eye(n))
@@ -158,8 +158,9 @@ def test_dense_matvec_match_recursion(precision, n, m, npairs):
         np.testing.assert_allclose(Psi[:, mask], Y - gamma * S, rtol=0,
                                    atol=tol * 10 * max(np.abs(Y - gamma * S).max(), 1e-30))
         assert _rel(gamma * np.eye(n) + Psi @ M @ Psi.T, Bref) <= tol * 10
-        # Gram matrices of the held pairs, zeros elsewhere
-        for G, ref in ((mem.ss, S.T @ S), (mem.sy, S.T @ Y), (mem.yy, Y.T @ Y)):
+        # Gram matrices Psi^T Psi and S^T Psi (Psi = Y - gamma S) of the held pairs, zeros elsewhere
+        P = Y - gamma * S
+        for G, ref in ((mem.psi_psi, P.T @ P), (mem.s_psi, S.T @ P)):
             G = _np(G).astype(np.float64)
             assert not np.any(G[~mask]) and not np.any(G[:, ~mask])
             np.testing.assert_allclose(G[np.ix_(mask, mask)], ref, rtol=0,
@@ -177,7 +178,7 @@ def test_num_pairs_is_int32(precision):
 def test_gram_dtype_is_compute_dtype(precision):
     mem = lsr1.init(4, 2, dtype=jnp.dtype(precision))
     expected = np.float64 if jax.config.jax_enable_x64 else np.float32
-    for G in (mem.ss, mem.sy, mem.yy):
+    for G in (mem.psi_psi, mem.s_psi):
         assert G.dtype == expected
 
 

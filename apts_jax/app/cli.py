@@ -1,0 +1,411 @@
+"""The ``apts-jax`` command line: ``apts-jax train [options]``.
+
+Also reachable as ``python -m apts_jax train [options]``; ``python -m apts_jax`` with no arguments
+(or with options but no sub-command) runs ``train`` with those options. ``--help`` on either level
+lists everything.
+
+Arguments are parsed and checked here **before** JAX is configured: ``--devices D`` must set
+``jax_num_cpu_devices`` before JAX starts its backends, so this module does not import JAX at
+import time (the training loops in :mod:`apts_jax.app.train` do). Bad flags exit with status 2 and
+an argparse-style one-line error (no traceback); a data set that cannot be found exits with
+status 1 and the loader's explanation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DEFAULTS", "TrainConfig", "build_parser", "main", "parse_train_args"]
+
+DATASET_CHOICES = ("fashion_mnist", "mnist", "cifar10")
+# Mirrors apts_jax.models.MODELS (kept literal so that ``--help`` does not import Flax/JAX; a test
+# checks that they agree).
+MODEL_CHOICES = ("mlp", "mlp_mnist", "mlp_cifar", "cnn")
+OPTIMIZER_CHOICES = ("apts", "sapts", "tr", "adam", "sgd", "lbfgs")
+#: Optimizers that always use the whole (subset) training set per iteration.
+FULL_BATCH = ("apts", "lbfgs")
+#: Optimizers that run on subdomains.
+SUBDOMAIN_METHODS = ("apts", "sapts")
+
+#: Defaults of the no-argument job (``python -m apts_jax``), see :data:`DEFAULT_JOB_DOC`.
+DEFAULTS: dict[str, Any] = {
+    "dataset": "fashion_mnist",
+    "model": "mlp",
+    "optimizer": "sapts",
+    "local_steps": 3,
+    "memory": 5,
+    "overlap": 0.05,
+    "subdomain_overlap": 0.05,
+    "epochs": 2,
+    "iterations_per_epoch_full": 10,  # full-batch methods: outer iterations per epoch
+    "sapts_batch": 2000,  # rounded down to a multiple of the subdomain count
+    "minibatch": 128,  # adam / sgd (and tr when --batch-size is given)
+    "min_subdomains": 4,
+    "seed": 0,
+    "lr": {"adam": 1e-3, "sgd": 0.01},
+    "momentum": 0.9,
+}
+
+DEFAULT_JOB_DOC = """\
+With no arguments this trains the paper's 784-512-256-10 ReLU MLP (535,818 parameters) on the
+full Fashion-MNIST training set (60,000 images; test set 10,000) with SAPTS: 4 subdomains
+(or the next multiple of the device count) on every local device, minibatches of 2,000
+samples from the overlap sampler (5% overlap), 3 local L-SR1 trust-region steps per subdomain
+and outer iteration, 2 epochs (about 60 outer iterations). Outputs go to
+runs/<optimizer>-<dataset>-<timestamp>/."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved training configuration (written to ``config.json``).
+
+    Fields that depend on the devices (``devices``, ``subdomains``, ``batch_size``) are filled in
+    by :func:`apts_jax.app.train.resolve_devices` once JAX is up; ``None`` there means "not
+    decided yet". ``batch_size=None`` after resolution means full batch.
+    """
+
+    dataset: str
+    data_dir: str | None
+    model: str
+    hidden: tuple[int, ...] | None
+    optimizer: str
+    subdomains: int | None
+    devices: int | None
+    local_steps: int
+    second_order: bool
+    memory: int
+    batch_size: int | None
+    overlap: float
+    subdomain_overlap: float
+    epochs: int
+    iterations_per_epoch: int | None
+    subset: int | None
+    lr: float | None
+    momentum: float | None
+    seed: int
+    out: str
+    resume: bool
+    progress: bool | None
+    plots: bool
+
+    @property
+    def tr_model(self) -> str:
+        """The trust-region model name of the core library (``"sr1"`` or ``"first_order"``)."""
+        return "sr1" if self.second_order else "first_order"
+
+    @property
+    def full_batch(self) -> bool:
+        return self.optimizer in FULL_BATCH or (self.optimizer == "tr" and self.batch_size is None)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden) if self.hidden else None
+        d["tr_model"] = self.tr_model
+        d["full_batch"] = self.full_batch
+        return d
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Fields that may differ between a run and its --resume (everything else must match).
+RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "out", "progress", "plots", "data_dir"})
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v < 1.0):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", choices=DATASET_CHOICES, default=d["dataset"],
+                   help="training data (default %(default)s; found offline in the system "
+                        "datasets folder, --data-dir, $APTS_JAX_DATA_DIR or the user cache)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding the data set files (searched first)")
+    g.add_argument("--model", choices=MODEL_CHOICES, default=d["model"],
+                   help="network (default %(default)s: 784-512-256-10 for MNIST-like data, "
+                        "3072-512-512-10 for CIFAR-10; cnn: a small CNN)")
+    g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, metavar="W",
+                   help="hidden layer widths of a custom ReLU MLP instead of the paper's network "
+                        "(--model mlp only), e.g. --hidden 128 64")
+    g.add_argument("--subset", type=_positive_int, default=None, metavar="K",
+                   help="use only the first K training (and K test) samples, for quick runs")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default=d["optimizer"],
+                   help="apts: full-batch APTS; sapts: minibatch APTS; tr: L-SR1 trust region "
+                        "(full batch, or minibatches with --batch-size); adam, sgd: optax "
+                        "baselines (--lr); lbfgs: optax L-BFGS with zoom line search, full batch "
+                        "(default %(default)s)")
+    g.add_argument("--subdomains", type=_positive_int, default=None, metavar="N",
+                   help="APTS subdomains, a multiple of the device count (default: 4, or the "
+                        "next multiple of the device count)")
+    g.add_argument("--devices", type=_positive_int, default=None, metavar="D",
+                   help="use the first D devices; on CPU, D devices are simulated if JAX has "
+                        "not started yet (default: every local device)")
+    g.add_argument("--local-steps", type=_positive_int, default=d["local_steps"], metavar="K",
+                   help="local trust-region steps per subdomain and outer iteration "
+                        "(default %(default)s)")
+    order = g.add_mutually_exclusive_group()
+    order.add_argument("--second-order", dest="second_order", action="store_true", default=True,
+                       help="L-SR1 quadratic model, OBS subproblem solver (default)")
+    order.add_argument("--first-order", dest="second_order", action="store_false",
+                       help="first-order trust-region model (steepest descent to the boundary)")
+    g.add_argument("--memory", type=_positive_int, default=d["memory"], metavar="M",
+                   help="L-SR1 memory size (default %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate of adam (default 1e-3) / sgd (default 0.01)")
+    g.add_argument("--momentum", type=_fraction, default=None,
+                   help="sgd momentum in [0, 1) (default 0.9)")
+
+    g = p.add_argument_group("batches and epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="minibatch size (sapts: summed over subdomains, a multiple of N; "
+                        "default 2000 rounded down to a multiple of N; adam/sgd: default 128; "
+                        "tr: full batch unless given; not for apts/lbfgs)")
+    g.add_argument("--overlap", type=_fraction, default=d["overlap"], metavar="R",
+                   help="sapts: fraction of a minibatch shared with the next one "
+                        "(default %(default)s)")
+    g.add_argument("--subdomain-overlap", type=_fraction, default=d["subdomain_overlap"],
+                   metavar="S", help="sapts: fraction of each microbatch common to all subdomains "
+                                     "(default %(default)s)")
+    g.add_argument("--epochs", type=_positive_int, default=d["epochs"],
+                   help="epochs to train (default %(default)s; with --resume: the total)")
+    g.add_argument("--iterations-per-epoch", type=_positive_int, default=None, metavar="K",
+                   help="full-batch methods (apts, lbfgs, full-batch tr): iterations per epoch "
+                        f"(default {d['iterations_per_epoch_full']}); minibatch methods: at most "
+                        "K minibatches per epoch (default: all of them)")
+    g.add_argument("--seed", type=_nonneg_int, default=d["seed"],
+                   help="seed of the weights and of the minibatch order (default %(default)s)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/<optimizer>-<dataset>-<timestamp>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (bitwise identical "
+                        "to an uninterrupted run)")
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show the progress bar (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-plots", dest="plots", action="store_false", default=True,
+                   help="do not write the PNG plots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``apts-jax`` parser with its ``train`` sub-command."""
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(
+        prog="apts-jax",
+        description="Training application of apts_jax (APTS / trust-region training in JAX).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train a network and write metrics, plots and checkpoints",
+        description="Train a network with APTS, SAPTS, the L-SR1 trust region or an optax "
+                    "baseline; write metrics.csv/metrics.jsonl, config.json, PNG plots and "
+                    "checkpoints into --out.\n\n" + DEFAULT_JOB_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_train_arguments(train)
+    return parser, train
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """No sub-command given: run ``train`` (``python -m apts_jax [--epochs 3 ...]``)."""
+    argv = list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        return ["train", *argv]
+    return argv
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-flag checks that need no JAX; ``parser.error`` (exit 2) on failure."""
+    opt = args.optimizer
+    if args.batch_size is not None and opt in FULL_BATCH:
+        parser.error(f"--batch-size: {opt} is a full-batch method (use --subset to shrink the data)")
+    if args.subdomains is not None and args.devices is not None and args.subdomains % args.devices:
+        parser.error(
+            f"--subdomains {args.subdomains} is not a multiple of --devices {args.devices} "
+            "(every device runs the same number of subdomains)"
+        )
+    if opt == "sapts" and args.batch_size is not None and args.subdomains is not None and (
+        args.batch_size % args.subdomains
+    ):
+        parser.error(
+            f"--batch-size {args.batch_size} is not divisible by --subdomains {args.subdomains} "
+            "(each subdomain gets batch_size / subdomains samples)"
+        )
+    if args.lr is not None and opt not in ("adam", "sgd"):
+        parser.error(f"--lr: {opt} chooses its own step sizes; --lr is for adam and sgd")
+    if args.momentum is not None and opt != "sgd":
+        parser.error("--momentum is for --optimizer sgd")
+    if args.hidden and args.model != "mlp":
+        parser.error(f"--hidden builds a custom MLP; it cannot be combined with --model {args.model}")
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR (the folder of the run to continue)")
+    if args.subset is not None and opt == "sapts" and args.batch_size is not None and (
+        args.batch_size > args.subset
+    ):
+        parser.error(f"--batch-size {args.batch_size} is larger than --subset {args.subset}")
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse and check ``argv`` (without the program name) into a :class:`TrainConfig`.
+
+    Exits with status 2 (``SystemExit``) on bad flags, like argparse.
+    """
+    parser, train_parser = _build_parsers()
+    argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command != "train":  # pragma: no cover - only "train" exists
+        parser.error(f"unknown command {args.command!r}")
+    _check(train_parser, args)
+    opt = args.optimizer
+    lr = args.lr if args.lr is not None else DEFAULTS["lr"].get(opt)
+    momentum = args.momentum if args.momentum is not None else (
+        DEFAULTS["momentum"] if opt == "sgd" else None
+    )
+    out = args.out
+    if out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = f"runs/{opt}-{args.dataset}-{stamp}"
+    return TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        model=args.model,
+        hidden=tuple(args.hidden) if args.hidden else None,
+        optimizer=opt,
+        subdomains=args.subdomains if opt in SUBDOMAIN_METHODS else None,
+        devices=args.devices,
+        local_steps=args.local_steps,
+        second_order=bool(args.second_order),
+        memory=args.memory,
+        batch_size=args.batch_size,
+        overlap=args.overlap,
+        subdomain_overlap=args.subdomain_overlap,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch,
+        subset=args.subset,
+        lr=lr,
+        momentum=momentum,
+        seed=args.seed,
+        out=out,
+        resume=bool(args.resume),
+        progress=args.progress,
+        plots=bool(args.plots),
+    )
+
+
+class UsageError(Exception):
+    """A flag combination found invalid after JAX started (exit status 2, one line)."""
+
+
+def _error(message: str, status: int) -> int:
+    first = " ".join(str(message).split("\n")[0].split())
+    print(f"apts-jax train: error: {first}", file=sys.stderr)
+    return status
+
+
+def configure_devices(devices: int | None) -> None:
+    """Ask JAX for ``devices`` simulated CPU devices when its backends have not started yet.
+
+    Must run before any JAX computation. When JAX is already up (e.g. in a test session that
+    configured its own devices) nothing changes; :func:`apts_jax.app.train.resolve_devices` then
+    checks that enough devices exist.
+    """
+    import jax
+
+    if devices is None:
+        return
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except Exception:  # pragma: no cover - private API moved
+        started = False
+    if started:
+        return
+    try:
+        current = int(jax.config.jax_num_cpu_devices)
+    except Exception:  # pragma: no cover
+        current = -1
+    if current < devices:
+        try:
+            jax.config.update("jax_num_cpu_devices", int(devices))
+        except RuntimeError:  # pragma: no cover - backends started in between
+            pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``apts-jax`` / ``python -m apts_jax``; returns the exit status."""
+    cfg = parse_train_args(argv)
+    configure_devices(cfg.devices)
+    # Imported only now: JAX must see the device configuration above first.
+    from apts_jax.app import train as train_lib
+    from apts_jax.data import DatasetNotFoundError
+
+    try:
+        train_lib.run(cfg)
+    except UsageError as err:
+        return _error(str(err), 2)
+    except DatasetNotFoundError as err:
+        print(f"apts-jax train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\napts-jax train: interrupted; continue with --resume --out "
+              f"{cfg.out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
