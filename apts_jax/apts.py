@@ -535,8 +535,9 @@ def apts(
     ``value`` and ``grad`` are read at the first update only; afterwards the state's local value and
     gradient (computed at the accepted points) are used, so three gradient-sized all-reduces per
     update remain (plus one at the first). For minibatch training (SAPTS), where the data changes
-    between updates, use :func:`apts_jax.parallel.sapts_step` (or pass ``fresh_data=True`` as an
-    extra argument to make the update re-reduce the given local ``value``/``grad``).
+    between updates, use ``fresh_step`` of :func:`apts_jax.parallel.make_apts` (or pass
+    ``fresh_data=True`` as an extra argument to make the update re-reduce the given local
+    ``value``/``grad``).
 
     Inside ``jax.shard_map`` with ``check_vma=True``, compute the local ``grad`` from a varying copy
     of the parameters (:func:`to_varying`) — ``jax.grad`` of a replicated input returns the *sum*

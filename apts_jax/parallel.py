@@ -9,15 +9,20 @@ full-batch outer iteration (see :mod:`apts_jax.apts`). The results do not depend
 subdomains are spread over devices (up to floating-point summation order).
 
 * :func:`subdomain_layout` — the mesh and block size, with input checks;
-* :func:`split_data` — reshape a data pytree into ``N`` equal shards and place them on the mesh;
+* :func:`split_data` — reshape a data pytree into ``N`` equal shards and place them on the mesh
+  (``process_local=True``: assemble them from each process's own shards);
+* :func:`local_subdomains` — the subdomains whose shards this process holds (multi-host);
 * :func:`make_apts` — ``init(params, data)``, ``step(state, data)`` (full batch, APTS) and
   ``fresh_step(state, data)`` (new data each step, SAPTS), all jitted;
 * :func:`solve` — full-batch APTS as one jitted ``lax.while_loop``, returning params, state and
   per-iteration statistics.
 
 Multi-host: call ``jax.distributed.initialize()`` in every process first; :func:`subdomain_layout`
-then spans ``jax.devices()`` of all processes, and data must be given as global arrays (e.g. built
-with :func:`jax.make_array_from_process_local_data`) — see ``examples/multihost.py``.
+then spans ``jax.devices()`` of all processes, and data must be given as global arrays: each
+process loads the shards of its subdomains (:func:`local_subdomains`) and passes them to
+``split_data(layout, local_data, process_local=True)`` (built on
+:func:`jax.make_array_from_process_local_data`). Only replicated outputs (params, values, scalar
+statistics) can be read in every process. See ``examples/multihost.py``.
 """
 
 from __future__ import annotations

@@ -23,9 +23,11 @@ copy of the same state, as it donates its input) and then the evaluations with t
 ``l_i``; each call is timed with ``time.perf_counter`` around the call and
 ``jax.block_until_ready`` of its output. The machine is shared, so load from other processes
 only ever adds time: per repeat the minimum of the ``inner`` samples of each is kept and their
-ratio taken. Each repeat is a new outer iteration (the state evolves). Reported: per ``N`` the
-median/IQR over repeats of both times, the per-repeat ratios and their median, the ratio of the
-summed times, and all raw samples.
+ratio taken. The process CPU time (``time.process_time``, all threads) of every call is
+recorded too; it is less sensitive to other processes and gives a second ratio. Each repeat is
+a new outer iteration (the state evolves). Reported: per ``N`` the median/IQR over repeats of
+both times, the per-repeat ratios and their median, the ratio of the summed times, and all raw
+samples.
 
 Usage::
 
@@ -49,7 +51,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
-FULL = {"sizes": [784, 512, 256, 10], "samples": 60_000, "ns": [1, 2, 4], "repeats": 5, "inner": 3}
+FULL = {"sizes": [784, 512, 256, 10], "samples": 60_000, "ns": [1, 2, 4], "repeats": 5, "inner": 2}
 QUICK = {"sizes": [784, 16, 10], "samples": 512, "ns": [1, 2], "repeats": 3, "inner": 2}
 GOAL_RATIO = 1.05
 
@@ -227,6 +229,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
         log(f"N = {n}: compiled step and reference in {time.perf_counter() - t0:.1f} s")
         setups[n] = {"prog": prog, "ref": ref, "data": data, "state": state, "layout": layout,
                      "step_s": [], "eval_s": [], "ratios": [], "step_all_s": [], "eval_all_s": [],
+                     "cpu_ratios": [], "step_cpu_s": [], "eval_cpu_s": [],
                      "local_iterations": [], "accepted": []}
 
     order = list(cfg["ns"])
@@ -238,19 +241,21 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
         for n in order:
             s = setups[n]
             sharding = jax.sharding.NamedSharding(s["layout"].mesh, P(s["layout"].axis_name))
-            steps, evals = [], []
+            steps, evals, steps_cpu, evals_cpu = [], [], [], []
             for _ in range(inner):
                 # The step donates its state: time it on a fresh copy of the same state.
                 start = jax.block_until_ready(jax.tree.map(jnp.copy, s["state"]))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 state, st = s["prog"].step(start, s["data"])
                 jax.block_until_ready((state, st))
                 steps.append(time.perf_counter() - t0)
+                steps_cpu.append(time.process_time() - c0)
                 li = np.asarray(st.local_iterations, np.int32)
                 counts = jax.block_until_ready(jax.device_put(li, sharding))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 jax.block_until_ready(s["ref"](s["state"].params, s["data"], counts))
                 evals.append(time.perf_counter() - t0)
+                evals_cpu.append(time.process_time() - c0)
             s["state"] = state  # the next repeat is the next outer iteration
             t_step, t_eval = min(steps), min(evals)
             s["step_s"].append(t_step)
@@ -258,11 +263,14 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
             s["step_all_s"].append(steps)
             s["eval_all_s"].append(evals)
             s["ratios"].append(t_step / t_eval)
+            s["cpu_ratios"].append(min(steps_cpu) / min(evals_cpu))
+            s["step_cpu_s"].append(steps_cpu)
+            s["eval_cpu_s"].append(evals_cpu)
             s["local_iterations"].append(li.tolist())
             s["accepted"].append(bool(st.accepted))
             log(f"repeat {r + 1}/{cfg['repeats']} N = {n}: step {t_step:.3f} s, evaluations "
                 f"{t_eval:.3f} s (l_i = {li.tolist()}; min of {inner}), ratio "
-                f"{t_step / t_eval:.3f}")
+                f"{t_step / t_eval:.3f} (CPU time {s['cpu_ratios'][-1]:.3f})")
     machine["loadavg_end"] = list(os.getloadavg())
 
     results = []
@@ -284,8 +292,11 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
             "ratio_of_medians": float(statistics.median(s["step_s"])
                                       / statistics.median(s["eval_s"])),
             "ratio_of_sums": float(sum(s["step_s"]) / sum(s["eval_s"])),
+            "step_cpu_all_s": s["step_cpu_s"],
+            "evaluations_cpu_all_s": s["eval_cpu_s"],
+            "cpu_ratio_per_repeat": [float(v) for v in s["cpu_ratios"]],
+            "cpu_ratio_median": float(statistics.median(s["cpu_ratios"])),
         })
-    worst = max(r["ratio_median"] for r in results)
     return {
         "schema_version": SCHEMA_VERSION,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -306,25 +317,35 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
         },
         "results": results,
         "timing_wall_s": time.perf_counter() - t_start,
-        "goal": {"max_ratio": GOAL_RATIO, "worst_median_ratio": worst, "met": worst <= GOAL_RATIO},
+        "goal": goal(results),
     }
+
+
+def goal(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The target ratio <= 1.05, judged on wall time and on process CPU time."""
+    worst = max(r["ratio_median"] for r in results)
+    worst_cpu = max(r["cpu_ratio_median"] for r in results)
+    return {"max_ratio": GOAL_RATIO, "worst_median_ratio": worst, "met": worst <= GOAL_RATIO,
+            "worst_cpu_median_ratio": worst_cpu, "met_cpu_time": worst_cpu <= GOAL_RATIO}
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{'N':>3} {'shard':>7} {'evals/sd (med)':>14} {'step s':>9} {'evals s':>9} "
-        f"{'ratio med':>9} {'ratio sum':>9}",
+        f"{'ratio med':>9} {'ratio sum':>9} {'CPU ratio':>9}",
     ]
     for r in report["results"]:
         evals = statistics.median(max(e) for e in r["evaluations_per_subdomain"])
         lines.append(
             f"{r['num_subdomains']:3d} {r['samples_per_subdomain']:7d} {evals:14.1f} "
             f"{r['step']['median_s']:9.4f} {r['evaluations']['median_s']:9.4f} "
-            f"{r['ratio_median']:9.3f} {r['ratio_of_sums']:9.3f}"
+            f"{r['ratio_median']:9.3f} {r['ratio_of_sums']:9.3f} {r['cpu_ratio_median']:9.3f}"
         )
     g = report["goal"]
     lines.append(f"goal: ratio <= {g['max_ratio']}: worst median {g['worst_median_ratio']:.3f} "
-                 f"-> {'met' if g['met'] else 'NOT met'}")
+                 f"-> {'met' if g['met'] else 'NOT met'} (wall time); CPU time: worst "
+                 f"{g['worst_cpu_median_ratio']:.3f} -> "
+                 f"{'met' if g['met_cpu_time'] else 'NOT met'}")
     return "\n".join(lines)
 
 

@@ -95,12 +95,19 @@ class Checkpointer:
         for x in leaves:
             x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
             abstract.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding))
-        restored = self._manager.restore(
-            int(epoch),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                int(epoch),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"checkpoint {epoch} in {self.directory} does not match the current "
+                f"configuration ({first})"
+            ) from err
         got = list(restored.state)
         if len(got) != len(abstract):
             raise ValueError(

@@ -59,7 +59,6 @@ def write_plots(
     epochs: Sequence[Mapping[str, Any]],
     iterations: Sequence[Mapping[str, Any]],
     *,
-    iterations_per_epoch: Sequence[int] | None = None,
     title: str = "",
 ) -> list[Path]:
     """Write ``loss.png``, ``accuracy.png`` and ``radius.png`` into ``out_dir``; return the paths.

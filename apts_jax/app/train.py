@@ -520,6 +520,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     iterations: list[dict[str, Any]]
     params: Any
+    state: Any
     out: Path
 
 
@@ -592,8 +593,6 @@ def run(cfg: TrainConfig) -> TrainResult:
         with Checkpointer(ckpt_dir) as probe:
             latest = probe.latest_epoch()
     if cfg.resume:
-        if latest is not None or (out / "config.json").is_file():
-            _check_resume_config(out, cfg)
         if latest is not None and latest > cfg.epochs:
             raise UsageError(
                 f"--resume: the run in {out} is at epoch {latest}, past --epochs {cfg.epochs}"
@@ -606,6 +605,8 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     problem = load_problem(cfg)
     cfg = resolve_config(cfg, problem.train_x.shape[0])
+    if cfg.resume and latest is not None:
+        _check_resume_config(out, cfg)
     try:
         method = build_method(cfg, problem)
     except ValueError as err:
@@ -629,7 +630,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     grad_evals = 0
     with Checkpointer(ckpt_dir) as ckpt:
         if cfg.resume and latest is not None:
-            state, meta = ckpt.restore(latest, state)
+            try:
+                state, meta = ckpt.restore(latest, state)
+            except ValueError as err:
+                raise UsageError(f"--resume: {err}") from None
             history, iters = list(meta["history"]), list(meta["iterations"])
             start_epoch = int(meta["epoch"])
             time_offset = float(meta["wall_time_s"])
@@ -669,7 +673,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             }
 
         if not history:
-            history.append(metrics_lib_row_clean(epoch_row(0, 0, [], [])))
+            history.append(_clean_row(epoch_row(0, 0, [], [])))
             metrics_lib.write_metrics(out, history)
 
         total = sum(method.iterations(e) for e in range(1, cfg.epochs + 1))
@@ -712,7 +716,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 train_time += time.perf_counter() - t0
                 if iters:
                     grad_evals = int(iters[-1]["grad_evals"])
-                row = metrics_lib_row_clean(
+                row = _clean_row(
                     epoch_row(epoch, n_iter0 + len(losses), losses, accepted)
                 )
                 history.append(row)
@@ -747,9 +751,9 @@ def run(cfg: TrainConfig) -> TrainResult:
         f"session; outputs in {out}/ (metrics.csv, metrics.jsonl, iterations.csv, config.json, "
         f"{'loss.png, accuracy.png, radius.png, ' if cfg.plots else ''}summary.txt, checkpoints/)"
     )
-    return TrainResult(cfg, history, iters, method.params(state), out)
+    return TrainResult(cfg, history, iters, method.params(state), state, out)
 
 
-def metrics_lib_row_clean(row: dict[str, Any]) -> dict[str, Any]:
+def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
     """Row with JSON-safe values (non-finite -> None), as stored in checkpoints and files."""
     return {k: metrics_lib.clean(v) for k, v in row.items()}

@@ -1,0 +1,283 @@
+"""Tests of the ``apts-jax train`` command line (apts_jax.app).
+
+Runs use a small synthetic Fashion-MNIST look-alike written as IDX files into a temporary
+``--data-dir`` (learnable: each class is a fixed random template plus noise), a tiny MLP
+(``--hidden 16``) and two iterations per epoch, so that every optimizer trains for one short
+epoch in a few seconds. The test session simulates 8 CPU devices (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("orbax.checkpoint")
+pytest.importorskip("matplotlib")
+
+from apts_jax.app import cli  # noqa: E402
+from apts_jax.app.metrics import EPOCH_FIELDS, ITERATION_FIELDS  # noqa: E402
+from apts_jax.app.plots import PNG_SIGNATURE  # noqa: E402
+
+N_TRAIN, N_TEST = 512, 256
+TINY = ["--hidden", "16", "--epochs", "1", "--iterations-per-epoch", "2", "--no-progress"]
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(header + arr.astype(np.uint8).tobytes())
+
+
+def make_fake_fashion_mnist(folder: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
+    """Write a learnable 10-class 28x28 data set in the four IDX files of Fashion-MNIST."""
+    rng = np.random.default_rng(1234)
+    templates = rng.integers(0, 256, size=(10, 28, 28))
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n)
+        noise = rng.normal(0.0, 60.0, size=(n, 28, 28))
+        images = np.clip(templates[labels] + noise, 0, 255)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jax_started():
+    """Start JAX's backends (8 simulated CPU devices, tests/conftest.py) before any in-process
+    ``main``: ``--devices D`` only configures simulated devices when JAX has not started, which
+    must not change the device count of the rest of the test session."""
+    import jax
+
+    assert len(jax.devices()) >= 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fake_fashion_mnist(tmp_path_factory.mktemp("data") / "fashion_mnist")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_valid_png(path: Path) -> None:
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE, path
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, (path, img.shape)
+    assert float(np.std(img)) > 0.01, f"{path} is blank"
+
+
+def _check_outputs(out: Path, epochs: int = 1, iterations: int = 2, radius: bool = True) -> None:
+    for name in ("metrics.csv", "metrics.jsonl", "iterations.csv", "config.json",
+                 "summary.txt", "loss.png", "accuracy.png", "radius.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(epochs + 1))
+    assert all(set(r) == set(EPOCH_FIELDS) for r in rows)
+    csv_rows = _read_csv(out / "metrics.csv")
+    assert list(csv_rows[0]) == list(EPOCH_FIELDS) and len(csv_rows) == epochs + 1
+    for r, c in zip(rows, csv_rows, strict=True):  # the CSV holds the same numbers
+        for k in EPOCH_FIELDS:
+            if r[k] is None:
+                assert c[k] == ""
+            else:
+                assert float(c[k]) == float(r[k]), k
+    last = rows[-1]
+    assert last["iterations"] == epochs * iterations
+    assert last["grad_evals"] >= epochs * iterations
+    for k in ("train_loss", "test_loss"):
+        assert math.isfinite(last[k]) and last[k] > 0
+    for k in ("train_accuracy", "test_accuracy"):
+        assert 0.0 <= last[k] <= 1.0
+    assert last["wall_time_s"] >= last["train_time_s"] > 0
+    if radius:
+        assert last["radius"] > 0 and 0.0 <= last["accepted_frac"] <= 1.0
+    else:
+        assert last["radius"] is None
+    its = _read_csv(out / "iterations.csv")
+    assert list(its[0]) == list(ITERATION_FIELDS) and len(its) == epochs * iterations
+    for name in ("loss.png", "accuracy.png", "radius.png"):
+        _assert_valid_png(out / name)
+    assert (out / "checkpoints" / str(epochs)).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs, one short epoch per optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "optimizer, extra, radius",
+    [
+        ("sapts", ["--subdomains", "4", "--devices", "2", "--batch-size", "128"], True),
+        ("apts", ["--subdomains", "2", "--first-order"], True),
+        ("tr", ["--batch-size", "128"], True),
+        ("adam", ["--batch-size", "64"], False),
+        ("sgd", ["--batch-size", "64", "--lr", "0.05"], False),
+        ("lbfgs", [], False),
+    ],
+)
+def test_train_each_optimizer(tmp_path, data_dir, capsys, optimizer, extra, radius):
+    out = tmp_path / "run"
+    argv = ["train", "--optimizer", optimizer, "--data-dir", str(data_dir), "--subset",
+            str(N_TRAIN), "--out", str(out), *TINY, *extra]
+    assert cli.main(argv) == 0
+    _check_outputs(out, radius=radius)
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == optimizer
+    assert config["resolved"]["train_samples"] == N_TRAIN
+    assert config["resolved"]["num_params"] == 784 * 16 + 16 + 16 * 10 + 10
+    printed = capsys.readouterr().out
+    assert "Summary" in printed and "final test accuracy" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if optimizer != "sgd":  # sgd with two small steps may go either way
+        assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_sapts_layout_is_recorded(tmp_path, data_dir):
+    out = tmp_path / "run"
+    argv = ["--optimizer", "sapts", "--data-dir", str(data_dir), "--out", str(out), *TINY,
+            "--subdomains", "8", "--batch-size", "128", "--no-plots", "--first-order"]
+    assert cli.main(argv) == 0  # no sub-command: "train" is implied
+    config = json.loads((out / "config.json").read_text())
+    assert config["subdomains"] == 8 and config["devices"] == 8 and config["batch_size"] == 128
+    assert "8 x 16" in config["resolved"]["method"]
+    assert not (out / "loss.png").exists()
+
+
+def test_entry_point_subprocess(tmp_path, data_dir):
+    """``python -m apts_jax train`` in a fresh interpreter, with --devices simulating 2 CPUs."""
+    out = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "apts_jax", "train", "--optimizer", "sapts", "--devices", "2",
+         "--subdomains", "2", "--batch-size", "64", "--first-order", "--data-dir",
+         str(data_dir), "--out", str(out), *TINY],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "2 subdomains on 2 device(s)" in proc.stdout
+    _check_outputs(out)
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["resolved"]["devices"]) == 2
+
+
+def test_console_script_help():
+    """The ``apts-jax`` console script (installed next to the interpreter) answers --help."""
+    import shutil
+
+    exe = Path(sys.executable).with_name("apts-jax")
+    script = str(exe) if exe.exists() else shutil.which("apts-jax")
+    if script is None:
+        pytest.skip("the apts-jax console script is not installed (pip install -e .)")
+    proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--optimizer" in proc.stdout and "--resume" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument handling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_no_arguments_is_the_default_training_job():
+    cfg = cli.parse_train_args([])
+    assert cfg.dataset == "fashion_mnist" and cfg.model == "mlp" and cfg.optimizer == "sapts"
+    assert cfg.epochs == cli.DEFAULTS["epochs"] and cfg.subset is None and not cfg.resume
+    assert cfg.out.startswith("runs/sapts-fashion_mnist-")
+    assert cli.parse_train_args(["train"]).optimizer == "sapts"
+    assert cli.parse_train_args(["--epochs", "3"]).epochs == 3
+
+
+def test_model_choices_match_the_registry():
+    from apts_jax.models import MODELS
+
+    assert set(cli.MODEL_CHOICES) == set(MODELS)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "-1"], "--epochs: must be >= 1"),
+        (["--epochs", "0"], "--epochs: must be >= 1"),
+        (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+        (["--subdomains", "3", "--batch-size", "100"], "not divisible by --subdomains 3"),
+        (["--subdomains", "6", "--devices", "4"], "not a multiple of --devices 4"),
+        (["--overlap", "1.5"], "--overlap: must be in [0, 1)"),
+        (["--lr", "0.1"], "--lr is for adam and sgd"),
+        (["--optimizer", "apts", "--batch-size", "64"], "full-batch method"),
+        (["--resume"], "--resume needs --out"),
+        (["--model", "cnn", "--hidden", "8"], "--hidden builds a custom MLP"),
+        (["--batch-size", "abc"], "expected an integer"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("apts-jax train: error: ") and message in last, err
+
+
+def test_bad_flags_found_after_startup_exit_2(tmp_path, data_dir, capsys):
+    base = ["train", "--data-dir", str(data_dir), "--no-progress", "--hidden", "8"]
+    # More devices than the session has (8 simulated).
+    assert cli.main([*base, "--devices", "16", "--out", str(tmp_path / "a")]) == 2
+    assert "only 8 device(s)" in capsys.readouterr().err
+    # A minibatch larger than the (subset) training set.
+    assert cli.main([*base, "--optimizer", "adam", "--subset", "100", "--batch-size", "128",
+                     "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apts-jax train: error: ") and len(err.strip().splitlines()) == 1
+    # Default subdomain count (4 -> 8 on 8 devices) does not divide a given batch size.
+    assert cli.main([*base, "--batch-size", "12", "--out", str(tmp_path / "c")]) == 2
+    assert "not divisible by --subdomains 8" in capsys.readouterr().err
+
+
+def test_missing_dataset_exits_1(tmp_path, capsys, monkeypatch):
+    import apts_jax.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("APTS_JAX_DATA_DIR", raising=False)
+    monkeypatch.setenv("APTS_JAX_DATA_MIRROR", (tmp_path / "mirror").as_uri())
+    rc = cli.main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"),
+                   "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("apts-jax train: error: ") and "Traceback" not in err
+
+
+def test_existing_run_needs_resume(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--optimizer", "adam", "--data-dir", str(data_dir), "--out", str(out),
+            *TINY, "--no-plots"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # Resuming with other options is refused; with the same options and more epochs it goes on.
+    assert cli.main([*argv, "--resume", "--lr", "0.01"]) == 2
+    assert "options differ" in capsys.readouterr().err
+    assert cli.main([*argv[:-1], "--resume", "--epochs", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert (out / "loss.png").is_file()
