@@ -59,6 +59,8 @@ _INSTR = re.compile(
     rf"(?P<op>(?:{_KIND_ALT})(?:-start|-done)?)\("
 )
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z][a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
+# XLA annotates long tuples with `/*index=5*/` comments; their `=` would stop the shape match.
+_COMMENT = re.compile(r"/\*.*?\*/")
 
 
 def _arrays(shape: str) -> list[tuple[int, int]]:
@@ -86,7 +88,7 @@ def collective_stats(hlo_text: str) -> list[tuple[str, int, int]]:
     """
     stats: list[tuple[str, int, int]] = []
     for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
+        m = _INSTR.match(_COMMENT.sub("", line))
         if m is None:
             continue
         op = m.group("op")

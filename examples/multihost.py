@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from apts_jax import parallel
-    from apts_jax.demo import accuracy, cross_entropy, init_mlp
+    from _mlp import accuracy, cross_entropy, init_mlp
 
     me, procs = jax.process_index(), jax.process_count()
     chief = me == 0

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from apts_jax.apts import apts
     from apts_jax.data import load_dataset
-    from apts_jax.demo import accuracy, cross_entropy, init_mlp
+    from _mlp import accuracy, cross_entropy, init_mlp
 
     n_dev = jax.local_device_count()
     ds = load_dataset("fashion_mnist", args.data_dir, subset=(args.subset, None))
