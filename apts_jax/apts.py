@@ -305,7 +305,8 @@ class OuterResult(NamedTuple):
 
 
 def outer_step(
-    block_value_and_grad: Callable[[Array], tuple[Array, Array]],
+    shard_value_and_grad: Callable[[Array, Any], tuple[Array, Array]],
+    data_block: Any,
     params: Array,
     value: Array,
     grad: Array,
@@ -325,9 +326,13 @@ def outer_step(
     """One APTS outer iteration (Algorithm 1, steps 2–5) for a block of ``b`` subdomains.
 
     Args:
-      block_value_and_grad: ``x -> (values (b,), grads (b, n))``: the local values and gradients of
-        the ``b`` subdomains of this program instance at the flat point ``x`` (any ``x``; the
-        function must differentiate a varying copy of ``x``, see :func:`to_varying`).
+      shard_value_and_grad: ``(x, shard) -> (value, grad)``: the local loss of one subdomain and
+        its gradient at the flat point ``x`` (scalar and ``(n,)``, dtype of ``x``). It is called
+        with ``x`` already varying over the manual axes of ``axis_name`` (see :func:`to_varying`),
+        once per subdomain and evaluation: a block of ``b`` subdomains costs ``b`` evaluations.
+      data_block: pytree whose leaves have a leading axis ``b``, the shards of this instance's
+        subdomains (``shard`` is one slice of it); None when ``b = 1`` and the function needs no
+        data argument (then ``shard`` is None).
       params: :math:`\\theta_k`, shape ``(n,)``, replicated.
       value, grad: global :math:`f(\\theta_k)`, :math:`\\nabla f(\\theta_k)` (replicated).
       local_value, local_grad: ``(b,)`` and ``(b, n)`` local values/gradients at :math:`\\theta_k`.
@@ -343,26 +348,34 @@ def outer_step(
     """
     n_sub = float(num_subdomains)
     cap = radius / n_sub
+    b = local_value.shape[0]
+    if data_block is None and b != 1:
+        raise ValueError(f"outer_step: data_block is None but the block has {b} subdomains.")
+
+    def shard(i: int) -> Any:
+        return None if data_block is None else jax.tree.map(lambda a: a[i], data_block)
+
+    def block_value_and_grad(x: Array) -> tuple[Array, Array]:
+        """Values ``(b,)`` and gradients ``(b, n)`` of the block's subdomains at a common ``x``."""
+        xv = to_varying(x, axis_name)  # outside vmap: pcast cannot be batched over a vmap axis
+        if b == 1:
+            v, g = shard_value_and_grad(xv, shard(0))
+            return v[None], g[None]
+        return jax.vmap(lambda sh: shard_value_and_grad(xv, sh))(data_block)
 
     # Step 2: local phases, vmapped over the block (no communication).
-    def one_local(lv: Array, lg: Array, mem: Any, index: Array) -> LocalResult:
-        def vg(x: Array) -> tuple[Array, Array]:
-            vals, grads = block_value_and_grad(x)
-            return vals[index], grads[index]
-
+    def one_local(lv: Array, lg: Array, mem: Any, sh: Any) -> LocalResult:
         return local_phase(
-            vg, params, lv, lg, grad, cap, mem,
+            lambda x: shard_value_and_grad(x, sh), params, lv, lg, grad, cap, mem,
             local_steps=local_steps, model=model, config=config, skip_tol=skip_tol,
         )
 
-    b = local_value.shape[0]
     if b == 1:
-        loc = one_local(local_value[0], local_grad[0],
-                        None if local_memory is None else jax.tree.map(lambda a: a[0], local_memory),
-                        jnp.zeros((), jnp.int32))
+        mem0 = None if local_memory is None else jax.tree.map(lambda a: a[0], local_memory)
+        loc = one_local(local_value[0], local_grad[0], mem0, shard(0))
         loc = jax.tree.map(lambda a: a[None], loc)
     else:
-        loc = jax.vmap(one_local)(local_value, local_grad, local_memory, jnp.arange(b))
+        loc = jax.vmap(one_local)(local_value, local_grad, local_memory, data_block)
 
     # Step 3: s~ = sum_i s_i and the predicted decrease, in one all-reduce.
     packed = jnp.concatenate([loc.step, loc.decrease[:, None].astype(loc.step.dtype)], axis=1)
@@ -501,7 +514,7 @@ def _check_axis_bound(axis_name: AxisName) -> None:
                 f"apts: axis name {a!r} is not bound here. Call the update inside a function "
                 "mapped over subdomains with that axis name: jax.shard_map over a mesh axis "
                 f"{a!r}, jax.vmap(..., axis_name={a!r}) or jax.pmap(..., axis_name={a!r}) "
-                "(or use apts_jax.solve / apts_jax.parallel, which set it up for you)."
+                "(or use apts_jax.parallel.solve / make_apts, which set it up for you)."
             ) from err
 
 
@@ -619,17 +632,15 @@ def apts(
         n_inst = _num_instances(axis_name)
         x = _tree.ravel(spec, params)
 
-        def block_vg(z: Array) -> tuple[Array, Array]:
-            zv = to_varying(z, axis_name)
+        def shard_vg(z: Array, _: Any = None) -> tuple[Array, Array]:
             v, g = jax.value_and_grad(
                 lambda flat: value_fn(_tree.unravel(spec, flat), **fn_kwargs)
-            )(zv)
-            return jnp.asarray(v, x.dtype)[None], g.astype(x.dtype)[None]
+            )(z)
+            return jnp.asarray(v, x.dtype), g.astype(x.dtype)
 
         if value is None or grad is None:
             def given() -> tuple[Array, Array]:
-                v, g = block_vg(x)
-                return v[0], g[0]
+                return shard_vg(to_varying(x, axis_name))
         else:
             _tree.check_same_structure(spec, grad, "grad")
             g_flat = _tree.ravel(spec, grad)
@@ -666,7 +677,7 @@ def apts(
             else jax.tree.map(lambda a: a[None], to_varying(state.local_memory, axis_name))
         )
         out = outer_step(
-            block_vg, x, gv, gg, lv[None], lg[None], state.radius, local_memory,
+            shard_vg, None, x, gv, gg, lv[None], lg[None], state.radius, local_memory,
             state.global_memory,
             axis_name=axis_name, num_subdomains=n_inst, local_steps=local_steps, model=model,
             config=config, skip_tol=skip_tol,

@@ -331,20 +331,14 @@ def make_apts(
     state_specs = _state_specs(axis, model)
     stats_specs = OuterStats(*([P()] * 10), local_iterations=P(axis))
 
-    def block_vg(data_blk: Any) -> Callable[[Array], tuple[Array, Array]]:
-        def vg(z: Array) -> tuple[Array, Array]:
-            zv = to_varying(z, axis)
-
-            def one(shard: Any) -> tuple[Array, Array]:
-                v, g = jax.value_and_grad(lambda f: loss_fn(_tree.unravel(spec, f), shard))(zv)
-                return jnp.asarray(v, spec.dtype), g.astype(spec.dtype)
-
-            return jax.vmap(one)(data_blk)
-
-        return vg
+    def shard_vg(z: Array, shard: Any) -> tuple[Array, Array]:
+        """Loss and gradient of one subdomain at ``z`` (already varying over the mesh axis)."""
+        v, g = jax.value_and_grad(lambda f: loss_fn(_tree.unravel(spec, f), shard))(z)
+        return jnp.asarray(v, spec.dtype), g.astype(spec.dtype)
 
     def evaluate(x: Array, data_blk: Any) -> tuple[Array, Array, Array, Array]:
-        lv, lg = block_vg(data_blk)(x)
+        xv = to_varying(x, axis)  # outside vmap: pcast cannot be batched over a vmap axis
+        lv, lg = jax.vmap(lambda sh: shard_vg(xv, sh))(data_blk)
         packed = jnp.concatenate([lg, lv[:, None]], axis=1)
         mean = jax.lax.psum(jnp.sum(packed, axis=0), axis) / n_sub
         return lv, lg, mean[-1], mean[:-1]
@@ -365,7 +359,7 @@ def make_apts(
 
     def step_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
         out = outer_step(
-            block_vg(data_blk), state.params, state.value, state.grad, state.local_value,
+            shard_vg, data_blk, state.params, state.value, state.grad, state.local_value,
             state.local_grad, state.radius, state.local_memory, state.global_memory,
             axis_name=axis, num_subdomains=n_sub, local_steps=local_steps, model=model,
             config=config, skip_tol=skip_tol,

@@ -169,7 +169,9 @@ def test_trajectory_independent_of_device_count_float64_default_radii(x64, layou
             params.append(np.asarray(state.params))
         runs[(n, d)] = np.stack(params)
     got, want = runs[layout], runs[reference]
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * np.max(np.abs(want)))
+    # The L-SR1 steps amplify round-off (about 10x per 2-3 iterations here: 1e-14 after 5,
+    # ~2e-9 after 20 iterations); N = 4 vs N = 8 differ by ~6e-2.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7 * np.max(np.abs(want)))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -299,6 +301,7 @@ ENTRY %main (a: f32[21]) -> f32[21] {
   %rs = f64[5]{0} reduce-scatter(%d), dimensions={0}, to_apply=%add
   %cp = u8[3,2]{1,0} collective-permute(%e), source_target_pairs={{0,1}}
   %f = f32[21]{0} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="x all-reduce(y"}
+  %comb = (f32[2], f32[2], f32[2], f32[2], f32[2], /*index=5*/f32[21]) all-reduce(%h), to_apply=%a
   ROOT %pmax = s32[] all-reduce(%g), to_apply=%max
 }
 """
@@ -310,9 +313,10 @@ ENTRY %main (a: f32[21]) -> f32[21] {
         ("all-gather", 256, 512),
         ("reduce-scatter", 5, 40),
         ("collective-permute", 6, 6),
+        ("all-reduce", 31, 124),  # combined (tuple) all-reduce, XLA's /*index=5*/ comment
         ("all-reduce", 1, 4),
     ]
-    assert count_large(stats, 21) == 2
+    assert count_large(stats, 21) == 3
 
 
 @pytest.fixture(scope="module")
