@@ -153,9 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from _mlp import accuracy, cross_entropy, init_mlp
 
     from apts_jax import parallel
-    from _mlp import accuracy, cross_entropy, init_mlp
 
     me, procs = jax.process_index(), jax.process_count()
     chief = me == 0

@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from _mlp import accuracy, cross_entropy, init_mlp
     from jax import lax
 
     from apts_jax.apts import apts
     from apts_jax.data import load_dataset
-    from _mlp import accuracy, cross_entropy, init_mlp
 
     n_dev = jax.local_device_count()
     ds = load_dataset("fashion_mnist", args.data_dir, subset=(args.subset, None))
