@@ -45,7 +45,7 @@ mapped instance); :mod:`apts_jax.parallel` runs ``N`` subdomains on ``D`` device
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -714,7 +714,3 @@ def apts(
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-
-def subdomain_counts(axis_name: AxisName) -> Sequence[int]:
-    """Sizes of the axes in ``axis_name`` (inside the mapped function)."""
-    return [int(jax.lax.axis_size(a)) for a in _axes(axis_name)]
