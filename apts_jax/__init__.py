@@ -13,7 +13,8 @@ Public API:
   (:class:`MinimizeStats`);
 * :class:`RadiusConfig` / :data:`DEFAULT_RADIUS_CONFIG` — the radius constants and their defaults;
 * :func:`apts_jax.apts.apts` — data-parallel APTS as an optax transformation (state
-  :class:`APTSState`; the module ``apts_jax.apts`` is not shadowed), and :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, ``solve``;
+  :class:`APTSState`; the module ``apts_jax.apts`` is not shadowed), and
+  :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, ``solve``;
 * modules :mod:`~apts_jax.lsr1` (compact L-SR1 memory), :mod:`~apts_jax.obs` (OBS subproblem
   solver), :mod:`~apts_jax.radius` (ratio and radius update), :mod:`~apts_jax.tr_model`
   (model steps).
