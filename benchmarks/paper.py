@@ -502,29 +502,43 @@ def probe(specs: Sequence[RunSpec], proto: Protocol, *, max_devices: int | None,
         h0, h1 = res.history[0], res.history[1]
         comp = float(clog.get(1, 0.0))
         t_iter = max(0.0, (float(h1["train_time_s"]) - comp) / k)
+        # Trust-region methods: evaluations per iteration vary (early local phases often stop
+        # after one step at the cap); the upper estimate assumes every iteration does the most
+        # evaluations: local_steps + 2 (+1 for SAPTS's fresh evaluation).
+        t_upper = t_iter
+        evals_per_it = None
+        if spec.method in ("apts", "sapts"):
+            from apts_jax.app.cli import DEFAULTS
+
+            evals_per_it = max(1.0, (int(h1["grad_evals"]) - 1) / k)
+            worst = DEFAULTS["local_steps"] + 2 + (spec.method == "sapts")
+            t_upper = t_iter * max(1.0, worst / evals_per_it)
         overhead = max(0.0, float(h1["wall_time_s"]) - float(h0["wall_time_s"])
                        - float(h1["train_time_s"]))
         setup = max(0.0, total - float(h1["wall_time_s"]))
         results[key] = {"group": spec.group, "probe_iterations": k, "iterations_per_epoch": ipe,
                         "compile_s": comp, "s_per_iteration": t_iter,
+                        "s_per_iteration_upper": t_upper, "evaluations_per_iteration": evals_per_it,
                         "epoch_overhead_s": overhead, "setup_s": setup + float(h0["wall_time_s"]),
                         "probe_total_s": total}
         log(f"  probe {spec.dataset}/{spec.group:<28} {ipe:5d} it/epoch  "
             f"{t_iter * 1e3:9.1f} ms/it  compile {comp:5.1f} s  eval/epoch {overhead:5.2f} s")
     per_run = []
-    total_s = 0.0
+    total_s = upper_s = 0.0
     by_method: dict[str, float] = defaultdict(float)
     for s in specs:
         r = results.get(_probe_class(s))
         if r is None:
             continue
-        est = (r["setup_s"] + r["compile_s"] + proto.epochs
-               * (r["iterations_per_epoch"] * r["s_per_iteration"] + r["epoch_overhead_s"]))
-        per_run.append({"run": s.key, "estimate_s": est})
+        fixed = r["setup_s"] + r["compile_s"] + proto.epochs * r["epoch_overhead_s"]
+        est = fixed + proto.epochs * r["iterations_per_epoch"] * r["s_per_iteration"]
+        up = fixed + proto.epochs * r["iterations_per_epoch"] * r["s_per_iteration_upper"]
+        per_run.append({"run": s.key, "estimate_s": est, "upper_estimate_s": up})
         total_s += est
+        upper_s += up
         by_method[s.method] += est
     return {"classes": list(results.values()), "per_run": per_run, "total_s": total_s,
-            "by_method_s": dict(by_method)}
+            "upper_total_s": upper_s, "by_method_s": dict(by_method)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,6 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rx = re.compile(args.only)
         specs = [s for s in specs if rx.search(s.key)]
     done = [s for s in specs if (out_root / s.dataset / f"{s.name}.json").is_file()]
+    for s in done:  # a finished run's work folder left by an interruption after its JSON
+        if not args.dry_run and (out_root / s.dataset / ".work" / s.name).is_dir():
+            shutil.rmtree(out_root / s.dataset / ".work" / s.name, ignore_errors=True)
     todo = [s for s in specs if s not in done]
     print(f"paper protocol ({mode}): {len(specs)} planned run(s) in {out_root}: {len(done)} "
           f"finished (skipped), {len(todo)} to run; epochs {proto.epochs}, seeds "
@@ -804,8 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             est = probe(todo, proto, max_devices=args.max_devices)
             h = est["total_s"] / 3600
             print(f"estimated compute for the {len(todo)} remaining run(s): {est['total_s']:.0f} s "
-                  f"= {h:.1f} h on this machine; by method: " + ", ".join(
-                      f"{k} {v / 3600:.2f} h" for k, v in est["by_method_s"].items()))
+                  f"= {h:.1f} h on this machine (upper estimate with the most evaluations per "
+                  f"APTS/SAPTS iteration: {est['upper_total_s'] / 3600:.1f} h); by method: "
+                  + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in est["by_method_s"].items()))
             from apts_jax.app.metrics import atomic_write_text
 
             atomic_write_text(out_root / "dry_run_estimate.json", json.dumps(
@@ -813,6 +831,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "mode": mode, "protocol": proto.to_json(), "machine": machine_info(),
                  "todo": len(todo), **est}, indent=1) + "\n")
         return 0
+
+    # One invocation at a time per results folder (two would train the same runs).
+    import fcntl
+    import hashlib
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(str(out_root).encode()).hexdigest()[:16]
+    lock = open(Path(tempfile.gettempdir()) / f"apts-paper-{key}.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"error: another paper.py invocation is running on {out_root}", file=sys.stderr)
+        return 1
 
     if not args.summary_only:
         budget = len(todo) if args.max_runs is None else min(args.max_runs, len(todo))

@@ -116,11 +116,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
     from jax.flatten_util import ravel_pytree
-    from jax.sharding import PartitionSpec as P
 
     from apts_jax import parallel
-    from apts_jax.apts import local_phase, to_varying
-    from apts_jax.radius import DEFAULT_RADIUS_CONFIG
 
     sys.path.insert(0, str(HERE))
     from communication import summarize
@@ -168,7 +165,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         total -= total % n_sub
         x, y, source = _load_data(total)
         layout = parallel.subdomain_layout(n_sub, d)
-        axis = layout.axis_name
         data = parallel.split_data(layout, (x, y))
         prog = parallel.make_apts(loss_fn, params, layout, local_steps=args.local_steps,
                                   model=args.model)
@@ -193,29 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             accepted.append(bool(info.accepted))
 
         # The local phase alone, from the state reached (no communication).
-        b = layout.per_device
-
-        def local_body(theta: Any, grad: Any, radius: Any, lv: Any, lg: Any, mem: Any,
-                       blk: Any) -> Any:
-            cap = radius / n_sub
-
-            def one(lv_i: Any, lg_i: Any, mem_i: Any, shard: Any) -> Any:
-                def vg(z: Any) -> Any:
-                    zv = to_varying(z, axis)
-                    return jax.value_and_grad(lambda f: loss_fn(unravel(f), shard))(zv)
-
-                res = local_phase(vg, theta, lv_i, lg_i, grad, cap, mem_i,
-                                  local_steps=args.local_steps, model=args.model,
-                                  config=DEFAULT_RADIUS_CONFIG, skip_tol=1e-8)
-                return res.step, res.iterations
-
-            return jax.vmap(one)(lv, lg, mem, blk)
-
-        mem_spec = None if st.local_memory is None else P(axis)
-        local_prog = jax.jit(jax.shard_map(
-            local_body, mesh=layout.mesh,
-            in_specs=(P(), P(), P(), P(axis), P(axis), mem_spec, P(axis)),
-            out_specs=(P(axis), P(axis)), check_vma=False))
+        local_prog = _local_phase_program(layout, loss_fn, unravel, st, args)
         largs = (st.params, st.grad, st.radius, st.local_value, st.local_grad, st.local_memory,
                  data)
         t0 = time.perf_counter()
@@ -226,9 +200,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         del steps
 
         # One subdomain's value_and_grad on one device (the unit of local work).
-        shard = jax.device_put((x[: total // n_sub], y[: total // n_sub]), devices[0])
+        one_shard = jax.device_put((x[: total // n_sub], y[: total // n_sub]), devices[0])
         vg1 = jax.jit(jax.value_and_grad(lambda f, s: loss_fn(unravel(f), s)))
-        grad_times, _ = timed(vg1, jax.device_put(flat0, devices[0]), shard)
+        grad_times, _ = timed(vg1, jax.device_put(flat0, devices[0]), one_shard)
 
         rows.append({
             "mode": mode, "devices": d, "subdomains": n_sub, "samples_total": total,
@@ -256,6 +230,40 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"devices": d, "backend": jax.default_backend(),
             "device_kind": devices[0].device_kind, "num_params": n_params,
             "sizes": sizes, "rows": rows}
+
+
+def _local_phase_program(layout: Any, loss_fn: Any, unravel: Any, st: Any,
+                         args: argparse.Namespace) -> Any:
+    """Jitted ``shard_map`` running :func:`apts_jax.apts.local_phase` on every subdomain."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from apts_jax.apts import local_phase, to_varying
+    from apts_jax.radius import DEFAULT_RADIUS_CONFIG
+
+    axis, n_sub = layout.axis_name, layout.num_subdomains
+
+    def local_body(theta: Any, grad: Any, radius: Any, lv: Any, lg: Any, mem: Any,
+                   blk: Any) -> Any:
+        cap = radius / n_sub
+
+        def one(lv_i: Any, lg_i: Any, mem_i: Any, shard: Any) -> Any:
+            def vg(z: Any) -> Any:
+                zv = to_varying(z, axis)
+                return jax.value_and_grad(lambda f: loss_fn(unravel(f), shard))(zv)
+
+            res = local_phase(vg, theta, lv_i, lg_i, grad, cap, mem_i,
+                              local_steps=args.local_steps, model=args.model,
+                              config=DEFAULT_RADIUS_CONFIG, skip_tol=1e-8)
+            return res.step, res.iterations
+
+        return jax.vmap(one)(lv, lg, mem, blk)
+
+    mem_spec = None if st.local_memory is None else P(axis)
+    return jax.jit(jax.shard_map(
+        local_body, mesh=layout.mesh,
+        in_specs=(P(), P(), P(), P(axis), P(axis), mem_spec, P(axis)),
+        out_specs=(P(axis), P(axis)), check_vma=False))
 
 
 def machine_info() -> dict[str, Any]:
@@ -296,6 +304,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                                   ("local_phase", "local phase", "s-")):
             med = [r[key]["median_s"] for r in rows]
             ax.plot(ds, med, style, label=label)
+        ax.plot(ds, [r["local_phase_per_iteration_s"] for r in rows], "s--", color="tab:orange",
+                alpha=0.5, label="local phase / local iterations")
         t1 = rows[0]["outer_step"]["median_s"] if rows[0]["devices"] == 1 else None
         if t1 is not None:
             ideal = [t1 / d if mode == "strong" else t1 for d in ds]
