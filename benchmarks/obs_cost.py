@@ -37,7 +37,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -51,6 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from apts_jax import lsr1, obs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info  # noqa: E402
 
 SCHEMA_VERSION = 1
 FULL_NS = (10_000, 100_000, 500_000, 1_800_000)
@@ -152,39 +154,6 @@ def stats(samples: list[float]) -> dict[str, float]:
         "iqr_s": float(q3 - q1),
         "min_s": float(min(samples)),
         "count": len(samples),
-    }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    import jaxlib
-
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count()
-    return {
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_available": available,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpy": np.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
