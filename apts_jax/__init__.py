@@ -14,7 +14,8 @@ Public API:
 * :class:`RadiusConfig` / :data:`DEFAULT_RADIUS_CONFIG` — the radius constants and their defaults;
 * :func:`apts_jax.apts.apts` — data-parallel APTS as an optax transformation (state
   :class:`APTSState`; the module ``apts_jax.apts`` is not shadowed), and
-  :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, ``solve``;
+  :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, and
+  full-batch APTS :func:`solve` (also ``apts_jax.solve``);
 * modules :mod:`~apts_jax.lsr1` (compact L-SR1 memory), :mod:`~apts_jax.obs` (OBS subproblem
   solver), :mod:`~apts_jax.radius` (ratio and radius update), :mod:`~apts_jax.tr_model`
   (model steps).
@@ -27,6 +28,7 @@ iteration`` (the ``from`` form always resolves the module).
 from apts_jax import apts, lsr1, obs, parallel, radius, tr_model
 from apts_jax.apts import APTSInfo, APTSState, to_varying
 from apts_jax.minimize import MinimizeStats, minimize
+from apts_jax.parallel import solve
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
 from apts_jax.trust_region import TrustRegionInfo, TrustRegionState, trust_region
 
@@ -44,6 +46,7 @@ __all__ = [
     "obs",
     "parallel",
     "radius",
+    "solve",
     "to_varying",
     "tr_model",
     "trust_region",
