@@ -44,6 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import init_mlp, mlp_loss  # noqa: E402
+
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "communication.json"
 FULL = {"sizes": [784, 512, 256, 10], "samples": 60_000, "minibatch": 10_000, "ns": [2, 4, 8],
@@ -160,23 +163,8 @@ def run(cfg: dict[str, Any], log=print) -> dict[str, Any]:
 
     sizes = cfg["sizes"]
 
-    def init_mlp(key: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-        params = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-            key, sub = jax.random.split(key)
-            w = jax.random.normal(sub, (fan_in, fan_out), jnp.float32) * np.sqrt(2.0 / fan_in)
-            params.append((w, jnp.zeros((fan_out,), jnp.float32)))
-        return params
-
-    def loss_fn(params: Any, shard: Any) -> jax.Array:
-        h, labels = shard
-        for w, b in params[:-1]:
-            h = jax.nn.relu(h @ w + b)
-        w, b = params[-1]
-        logp = jax.nn.log_softmax(h @ w + b, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-
-    params = init_mlp(jax.random.key(0))
+    loss_fn = mlp_loss
+    params = init_mlp(jax.random.key(0), sizes)
     n_params = _tree.flat_spec(params).size
     samples, mb = cfg["samples"], cfg["minibatch"]
     steps_per_epoch = samples // mb

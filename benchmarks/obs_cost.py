@@ -52,7 +52,7 @@ import numpy as np
 from apts_jax import lsr1, obs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
+from _common import machine_info  # noqa: E402
 
 SCHEMA_VERSION = 1
 FULL_NS = (10_000, 100_000, 500_000, 1_800_000)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
+from _common import init_mlp, machine_info, mlp_loss  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
@@ -128,24 +128,8 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
     sizes = cfg["sizes"]
     x, y, source = load_data(cfg["samples"], sizes[0], args.random_data, args.seed)
 
-    def init_mlp(key: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-        params = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-            key, sub = jax.random.split(key)
-            w = jax.random.normal(sub, (fan_in, fan_out), jnp.float32) * np.sqrt(2.0 / fan_in)
-            params.append((w, jnp.zeros((fan_out,), jnp.float32)))
-        return params
-
-    def loss_fn(params: Any, shard: Any) -> jax.Array:
-        """Mean softmax cross-entropy of the ReLU MLP on one shard."""
-        h, labels = shard
-        for w, b in params[:-1]:
-            h = jax.nn.relu(h @ w + b)
-        w, b = params[-1]
-        logp = jax.nn.log_softmax(h @ w + b, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-
-    params = init_mlp(jax.random.key(args.seed))
+    loss_fn = mlp_loss
+    params = init_mlp(jax.random.key(args.seed), sizes)
     spec = _tree.flat_spec(params)
     nu = args.local_steps
     log(f"MLP {'-'.join(map(str, sizes))} ({spec.size:,} params), {x.shape[0]} samples "

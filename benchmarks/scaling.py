@@ -113,13 +113,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     d = args.worker
     if args.backend == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    import jax.numpy as jnp
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
     from apts_jax import parallel
 
     sys.path.insert(0, str(HERE))
+    from _common import init_mlp, mlp_loss
     from communication import summarize
 
     devices = jax.devices()
@@ -127,23 +127,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         return {"devices": d, "skipped": f"only {len(devices)} {args.backend} device(s)"}
     sizes = [784, 32, 10] if args.quick else [784, 512, 256, 10]
 
-    def init_mlp(key: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-        params = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-            key, sub = jax.random.split(key)
-            w = jax.random.normal(sub, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in)
-            params.append((w, jnp.zeros((fan_out,), jnp.float32)))
-        return params
-
-    def loss_fn(params: Any, shard: Any) -> jax.Array:
-        h, labels = shard
-        for w, b in params[:-1]:
-            h = jax.nn.relu(h @ w + b)
-        w, b = params[-1]
-        logp = jax.nn.log_softmax(h @ w + b, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-
-    params = init_mlp(jax.random.key(0))
+    loss_fn = mlp_loss
+    params = init_mlp(jax.random.key(0), sizes, gain=1.0)
     flat0, unravel = ravel_pytree(params)
     n_params = int(flat0.size)
     n_sub = d * args.per_device

@@ -1,9 +1,10 @@
-"""Shared helpers of the benchmark scripts: where and on what a result was measured."""
+"""Shared helpers of the benchmark scripts: the machine a result was measured on, and the plain MLP."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -41,3 +42,30 @@ def machine_info() -> dict[str, Any]:
         "devices": [str(d) for d in jax.devices()],
         "loadavg_start": list(os.getloadavg()),
     }
+
+
+def init_mlp(key: Any, sizes: Sequence[int], gain: float = 2.0) -> list[tuple[Any, Any]]:
+    """Weights ``N(0, gain / fan_in)`` and zero biases of a fully connected ReLU network."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        key, sub = jax.random.split(key)
+        w = jax.random.normal(sub, (fan_in, fan_out), jnp.float32) * np.sqrt(gain / fan_in)
+        params.append((w, jnp.zeros((fan_out,), jnp.float32)))
+    return params
+
+
+def mlp_loss(params: Any, shard: Any) -> Any:
+    """Mean softmax cross-entropy of the ReLU MLP on one shard ``(inputs, integer labels)``."""
+    import jax
+    import jax.numpy as jnp
+
+    h, labels = shard
+    for w, b in params[:-1]:
+        h = jax.nn.relu(h @ w + b)
+    w, b = params[-1]
+    logp = jax.nn.log_softmax(h @ w + b, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
