@@ -216,6 +216,13 @@ def test_summary_selects_best_and_median_lr_and_time_to_target() -> None:
     assert g["time_to_target_s_mean"] == pytest.approx(4.0)
     assert g["ratio_to_adam_grid"] == pytest.approx(4.0 / 30.0)
     assert g["final_test_accuracy_mean"] == pytest.approx(0.894)
+    one = s["against_adam_batch"]["128"]  # a single batch size: the same target and grid
+    assert one["target_accuracy"] == pytest.approx(0.897) and one["grid_train_time_s"] == 30.0
+    assert one["best_adam_time_to_target_s"] == pytest.approx(10.0)
+    assert set(one["groups"]) == {"apts-N2-sr1"}
+    assert one["groups"]["apts-N2-sr1"]["reached"] == "1/2"
+    assert one["groups"]["apts-N2-sr1"]["ratio_to_adam_grid"] == pytest.approx(4.0 / 30.0)
+    assert s["compute_s"] is None  # the fake runs carry no elapsed time
     assert "apts-N2-sr1" in paper.markdown({
         "mode": "full", "date": "d", "command": "c", "datasets": {"x": s},
         "machine": {"cores": 2, "jax": "0", "backend": "cpu"}})
