@@ -628,13 +628,11 @@ def summarize_dataset(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if target is None:
             v.update(time_to_target_s_mean=None, reached=None, ratio_to_adam_grid=None)
             continue
-        times = [time_to_target(r, target) for r in groups[g]]
-        hit = [t for t in times if t is not None]
-        v["time_to_target_s"] = times
-        v["reached"] = f"{len(hit)}/{len(times)}"
-        v["time_to_target_s_mean"] = statistics.fmean(hit) if hit else None
+        v["time_to_target_s"] = [time_to_target(r, target) for r in groups[g]]
+        v["reached"], v["time_to_target_s_mean"] = _hit_times(groups[g], target)
         v["ratio_to_adam_grid"] = (v["time_to_target_s_mean"] / grid_total
-                                   if hit and grid_total else None)
+                                   if v["time_to_target_s_mean"] is not None and grid_total
+                                   else None)
     by_batch = {b: _against_adam_batch(b, info, table, groups)
                 for b, info in adam["per_batch_size"].items()}
     elapsed = [r["session_elapsed_s"] for r in runs if r.get("session_elapsed_s") is not None]
