@@ -46,7 +46,8 @@ Outputs (``--out``, default ``benchmarks/results/paper``; ``--quick`` defaults t
   percentage points); each group's time to reach it; the total time of the Adam grid (one sweep:
   the sum over batch sizes and learning rates of the mean-over-seeds training time) and the ratio
   (APTS time to target) / (Adam grid total);
-* ``<dataset>_fig1_apts.png``, ``<dataset>_fig2_sapts.png`` — see ``benchmarks/plot_paper.py``.
+* ``<dataset>_fig1_apts.png``, ``<dataset>_fig2_sapts.png``, ``<dataset>_lr_sensitivity.png`` — see
+  ``benchmarks/plot_paper.py``.
 
 Run names: ``apts-N2-sr1-s0``, ``sapts-N4-fo-b10000-s1``, ``adam-b128-lr1.00e-03-s2``,
 ``sgd-b10000-lr1.00e-01-s0``, ``lbfgs-s0``; the group drops the ``-s<seed>`` suffix.
@@ -806,6 +807,7 @@ def write_summary(out_root: Path, specs: Sequence[RunSpec], proto: Protocol, mod
         note = " (quick mode)" if mode == "quick" else ""
         for ds, runs in by_ds.items():
             plot_paper.plot_dataset(ds, runs, datasets[ds], out_root, title_note=note)
+            plot_paper.plot_lr_sensitivity(ds, datasets[ds], out_root, title_note=note)
     return summary
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["group_curves", "load_runs", "plot_dataset", "plot_all"]
+__all__ = ["group_curves", "load_runs", "plot_dataset", "plot_lr_sensitivity", "plot_all"]
 
 N_COLORS = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
 
@@ -172,6 +172,51 @@ def plot_dataset(
     return written
 
 
+def plot_lr_sensitivity(dataset: str, summary_ds: Mapping[str, Any], out_dir: str | Path, *,
+                        title_note: str = "") -> Path | None:
+    """Write ``<dataset>_lr_sensitivity.png``: Adam/SGD final accuracy against the learning rate.
+
+    One curve per optimizer and batch size (mean over seeds), and the final accuracy of every
+    APTS/SAPTS configuration as a horizontal line (solid: L-SR1, dashed: first order): the
+    trust-region methods have no learning rate to tune. ``None`` when there is no grid to plot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = [(opt, b, info) for opt in ("adam", "sgd")
+             for b, info in summary_ds.get(opt, {}).get("per_batch_size", {}).items()]
+    if not grids:
+        return None
+    fig, ax = plt.subplots(figsize=(12, 5))
+    for opt, b, info in grids:
+        pts = [(float(lr), a) for lr, a in info["accuracy_by_lr"].items() if a is not None]
+        ax.semilogx([p[0] for p in pts], [p[1] for p in pts], "o-" if opt == "adam" else "s:",
+                    color="black" if int(b) >= 1000 else "grey", label=f"{opt}, batch {b}")
+    for v in summary_ds.get("groups", {}).values():
+        p = v["params"]
+        if v["method"] not in ("apts", "sapts") or v["final_test_accuracy_mean"] is None:
+            continue
+        name = "APTS" if v["method"] == "apts" else f"SAPTS b={p.get('batch_size')}"
+        ax.axhline(v["final_test_accuracy_mean"], ls="-" if p.get("order") == "sr1" else "--",
+                   lw=1.2 if v["method"] == "sapts" else 0.8, alpha=0.8,
+                   color=N_COLORS.get(p.get("subdomains")),
+                   label=f"{name} N={p.get('subdomains')} "
+                         f"{'L-SR1' if p.get('order') == 'sr1' else '1st order'} (no lr)")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final test accuracy (mean over seeds)")
+    ax.set_title(f"{dataset}: learning-rate sensitivity{title_note}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path = Path(out_dir) / f"{dataset}_lr_sensitivity.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(root: str | Path, summary: Mapping[str, Any] | None = None,
              title_note: str = "") -> list[Path]:
     """Plot every dataset under ``root`` (summary read from ``root/summary.json`` if not given)."""
@@ -181,8 +226,10 @@ def plot_all(root: str | Path, summary: Mapping[str, Any] | None = None,
         summary = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
     written = []
     for ds, runs in load_runs(root).items():
-        written += plot_dataset(ds, runs, summary.get("datasets", {}).get(ds, {}), root,
-                                title_note=title_note)
+        s = summary.get("datasets", {}).get(ds, {})
+        written += plot_dataset(ds, runs, s, root, title_note=title_note)
+        lr_plot = plot_lr_sensitivity(ds, s, root, title_note=title_note)
+        written += [lr_plot] if lr_plot else []
     return written
 
 
