@@ -6,8 +6,9 @@ Protocol (full mode; every optimizer gets the same number of epochs, ``--epochs`
   CIFAR-10 with the 3072-512-512-10 MLP when its files are found offline (skipped with a message
   otherwise); softmax cross-entropy, float32;
 * **APTS**, full batch, ``N`` in {1, 2, 4} subdomains, L-SR1 (``sr1``) and first-order (``fo``)
-  trust-region models, one default configuration (the app's: 3 local steps, L-SR1 memory 5,
-  default radius constants), 1 outer iteration per epoch (``--full-batch-iterations``);
+  trust-region models, one default configuration (the library's and the paper's: at most
+  ``nu = 5`` local iterations, L-SR1 memory 5, default radius constants), 1 outer iteration per
+  epoch;
 * **SAPTS**, minibatches of 10,000 (``N`` microbatches each, 5 % overlap between consecutive
   minibatches and 5 % of each microbatch shared by all subdomains: the app's overlap sampler), the
   same ``N``, models and configuration; one epoch = one pass of the sampler;
@@ -115,6 +116,7 @@ class Protocol:
     batch_sizes: tuple[int, ...] = (10_000, 128)
     subset: int | None = None
     methods: tuple[str, ...] = ("apts", "sapts", "adam", "sgd", "lbfgs")
+    local_steps: int = 5  # nu, APTS/SAPTS (the paper's and apts_jax.parallel.make_apts' default)
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -170,7 +172,8 @@ class RunSpec:
             a += ["--subdomains", str(self.subdomains)]
             if devices is not None:
                 a += ["--devices", str(devices)]
-            a += ["--second-order" if self.order == "sr1" else "--first-order"]
+            a += ["--second-order" if self.order == "sr1" else "--first-order",
+                  "--local-steps", str(proto.local_steps)]
         if self.method in ("apts", "lbfgs"):
             a += ["--iterations-per-epoch", str(proto.full_batch_iterations)]
         if self.method in ("sapts", "adam", "sgd"):
@@ -509,10 +512,8 @@ def probe(specs: Sequence[RunSpec], proto: Protocol, *, max_devices: int | None,
         t_upper = t_iter
         evals_per_it = None
         if spec.method in ("apts", "sapts"):
-            from apts_jax.app.cli import DEFAULTS
-
             evals_per_it = max(1.0, (int(h1["grad_evals"]) - 1) / k)
-            worst = DEFAULTS["local_steps"] + 2 + (spec.method == "sapts")
+            worst = proto.local_steps + 2 + (spec.method == "sapts")
             t_upper = t_iter * max(1.0, worst / evals_per_it)
         overhead = max(0.0, float(h1["wall_time_s"]) - float(h0["wall_time_s"])
                        - float(h1["train_time_s"]))

@@ -244,3 +244,8 @@ def test_plan_names_and_counts() -> None:
     assert {"apts-N4-sr1-s2", "sapts-N1-fo-b10000-s0", "adam-b128-lr1.00e-05-s0",
             "sgd-b10000-lr1.00e-01-s1", "lbfgs-s0"} <= names
     assert paper.FULL.lrs[0] == 1e-5 and paper.FULL.lrs[-1] == 1e-1 and len(paper.FULL.lrs) == 13
+    # The paper's nu = 5 local iterations for every APTS/SAPTS run, no flag for the baselines.
+    by_name = {s.name: s for s in full}
+    argv = by_name["sapts-N2-sr1-b10000-s0"].argv(paper.FULL, Path("out"), None)
+    assert argv[argv.index("--local-steps") + 1] == "5" and "--second-order" in argv
+    assert "--local-steps" not in by_name["adam-b128-lr1.00e-05-s0"].argv(paper.FULL, Path("o"), None)
