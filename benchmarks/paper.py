@@ -585,6 +585,8 @@ def summarize_dataset(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "compile_s_mean": _mean_std([r["final"]["compile_s"] for r in rs])[0],
             "data_passes_mean": _mean_std([r["final"]["data_passes"] for r in rs])[0],
         }
+        passes = table[g]["data_passes_mean"]
+        table[g]["train_time_per_data_pass_s"] = t_m / passes if t_m is not None and passes else None
 
     def lr_table(method: str) -> dict[str, Any]:
         per_b: dict[str, Any] = {}
@@ -711,8 +713,8 @@ def markdown(summary: dict[str, Any]) -> str:
                       f"{ba['accuracy']:.2%}; target accuracy {s['target_accuracy']:.2%}; "
                       f"Adam grid total {s['adam_grid_train_time_s']:.1f} s.", ""]
         lines += ["| group | seeds | final test acc | final train loss | data passes | "
-                  "train time s | time to target s | reached | ratio to Adam grid |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "train time s | s / data pass | time to target s | reached | ratio to Adam grid |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         order = {"apts": 0, "sapts": 1, "lbfgs": 2, "adam": 3, "sgd": 4}
         shown = set()
         for opt in ("adam", "sgd"):
@@ -735,6 +737,7 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"| {g}{tag} | {len(v['seeds'])} | {acc} | "
                 f"{_fmt(v['final_train_loss_mean'], '.4f')} | {_fmt(v['data_passes_mean'], '.1f')}"
                 f" | {_fmt(v['train_time_s_mean'], '.1f')} | "
+                f"{_fmt(v.get('train_time_per_data_pass_s'), '.3f')} | "
                 f"{_fmt(v.get('time_to_target_s_mean'), '.1f')} | {v.get('reached') or '-'} | "
                 f"{_fmt(v.get('ratio_to_adam_grid'), '.3f')} |")
         lines.append("")

@@ -216,6 +216,7 @@ def test_summary_selects_best_and_median_lr_and_time_to_target() -> None:
     assert g["time_to_target_s_mean"] == pytest.approx(4.0)
     assert g["ratio_to_adam_grid"] == pytest.approx(4.0 / 30.0)
     assert g["final_test_accuracy_mean"] == pytest.approx(0.894)
+    assert g["train_time_per_data_pass_s"] == pytest.approx(4.0)  # 4 s over 1 data pass
     one = s["against_adam_batch"]["128"]  # a single batch size: the same target and grid
     best, med = one["targets"]["best"], one["targets"]["median"]
     assert best["target_accuracy"] == pytest.approx(0.897) and one["grid_train_time_s"] == 30.0
