@@ -1,10 +1,13 @@
-"""Shared helpers of the benchmark scripts: the machine a result was measured on, and the plain MLP."""
+"""Shared helpers of the benchmark scripts: the machine a result was measured on, the plain MLP, and
+writing a report (JSON file + printed table)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -69,3 +72,12 @@ def mlp_loss(params: Any, shard: Any) -> Any:
     w, b = params[-1]
     logp = jax.nn.log_softmax(h @ w + b, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def write_report(out: Path, report: dict[str, Any], format_table: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``report`` as indented JSON to ``out`` (creating its folder) and print its table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(format_table(report))
+    print(f"\nwrote {out}")

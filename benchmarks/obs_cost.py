@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import random
 import statistics
@@ -52,7 +51,7 @@ import numpy as np
 from apts_jax import lsr1, obs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+from _common import machine_info, write_report  # noqa: E402
 
 SCHEMA_VERSION = 1
 FULL_NS = (10_000, 100_000, 500_000, 1_800_000)
@@ -392,11 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(ns, ms, repeats, mlp_samples, args.seed)
     report["quick"] = bool(args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(format_table(report))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report, format_table)
     return 0
 
 

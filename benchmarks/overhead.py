@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import random
 import statistics
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import init_mlp, machine_info, mlp_loss  # noqa: E402
+from _common import init_mlp, machine_info, mlp_loss, write_report  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
@@ -308,11 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             cfg[key] = value
     report = run(args, cfg)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(format_table(report))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report, format_table)
     return 0
 
 

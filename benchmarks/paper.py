@@ -632,8 +632,8 @@ def summarize_dataset(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if target is None:
             v.update(time_to_target_s_mean=None, reached=None, ratio_to_adam_grid=None)
             continue
-        v["time_to_target_s"] = [time_to_target(r, target) for r in groups[g]]
-        v["reached"], v["time_to_target_s_mean"] = _hit_times(groups[g], target)
+        v["time_to_target_s"], v["reached"], v["time_to_target_s_mean"] = _hit_times(groups[g],
+                                                                                     target)
         v["ratio_to_adam_grid"] = (v["time_to_target_s_mean"] / grid_total
                                    if v["time_to_target_s_mean"] is not None and grid_total
                                    else None)
@@ -649,11 +649,12 @@ def summarize_dataset(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "last_run_date": dates[-1] if dates else None}
 
 
-def _hit_times(rs: Sequence[dict[str, Any]], target: float) -> tuple[str, float | None]:
-    """("k/n reached", mean time to target over the runs that reached it)."""
+def _hit_times(rs: Sequence[dict[str, Any]],
+               target: float) -> tuple[list[float | None], str, float | None]:
+    """(time to target per run, "k/n reached", mean time over the runs that reached it)."""
     times = [time_to_target(r, target) for r in rs]
     hit = [t for t in times if t is not None]
-    return f"{len(hit)}/{len(times)}", (statistics.fmean(hit) if hit else None)
+    return times, f"{len(hit)}/{len(times)}", (statistics.fmean(hit) if hit else None)
 
 
 def _against_adam_batch(batch: str, info: dict[str, Any], table: dict[str, Any],
@@ -674,12 +675,12 @@ def _against_adam_batch(batch: str, info: dict[str, Any], table: dict[str, Any],
         for g, v in table.items():
             if v["method"] in ("adam", "sgd"):
                 continue
-            reached, t = _hit_times(groups[g], target)
+            _, reached, t = _hit_times(groups[g], target)
             rows[g] = {"reached": reached, "time_to_target_s_mean": t,
                        "ratio_to_adam_grid": t / grid if t is not None and grid else None}
         targets[level] = {"adam_group": info[level]["group"], "target_accuracy": target,
                           "adam_time_to_target_s": _hit_times(groups[info[level]["group"]],
-                                                              target)[1],
+                                                              target)[2],
                           "groups": rows}
     return {"batch_size": int(batch), "grid_train_time_s": grid, "targets": targets}
 
