@@ -4,33 +4,46 @@ Reference implementation of Cruz Alegría, Trotti, Kopaničáková, Krause, *Dat
 Network Training via Nonlinearly Preconditioned Trust-Region Method*, with an L-SR1 / OBS
 trust-region optimizer for optax.
 
-Public API:
+Public API (factories at the top level, as in optax):
 
 * :func:`trust_region` — the trust-region optimizer as an
   :class:`optax.GradientTransformationExtraArgs` (state :class:`TrustRegionState`,
-  diagnostics :class:`TrustRegionInfo`);
+  diagnostics :class:`TrustRegionInfo`); module :mod:`apts_jax.tr`;
 * :func:`minimize` — a jitted trust-region solver loop for deterministic problems
-  (:class:`MinimizeStats`);
+  (:class:`MinimizeStats`); module :mod:`apts_jax.minimize` (shadowed by the function: import
+  from it with ``from apts_jax.minimize import ...``);
 * :class:`RadiusConfig` / :data:`DEFAULT_RADIUS_CONFIG` — the radius constants and their defaults;
-* :func:`apts_jax.apts.apts` — data-parallel APTS as an optax transformation (state
-  :class:`APTSState`; the module ``apts_jax.apts`` is not shadowed), and
-  :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, and
+* :func:`apts` — data-parallel APTS as an optax transformation (state :class:`APTSState`,
+  shard_map specs :func:`apts_state_specs`); module :mod:`apts_jax.apts_transform`;
+* :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, and
   full-batch APTS :func:`solve` (also ``apts_jax.solve``);
 * modules :mod:`~apts_jax.lsr1` (compact L-SR1 memory), :mod:`~apts_jax.obs` (OBS subproblem
   solver), :mod:`~apts_jax.radius` (ratio and radius update), :mod:`~apts_jax.tr_model`
   (model steps).
 
-Note: the function :func:`trust_region` and :func:`minimize` shadow the submodules of the same name
-as attributes of the package; import from the submodules with ``from apts_jax.trust_region import
-iteration`` (the ``from`` form always resolves the module).
+Compatibility: the modules were ``apts_jax.apts`` and ``apts_jax.trust_region``; ``from
+apts_jax.apts import ...`` and ``from apts_jax.trust_region import ...`` keep working (module
+aliases), while the attributes ``apts_jax.apts`` and ``apts_jax.trust_region`` are the factories.
 """
 
-from apts_jax import apts, lsr1, obs, parallel, radius, tr_model
-from apts_jax.apts import APTSInfo, APTSState, to_varying
+import sys as _sys
+
+from apts_jax import apts_transform, lsr1, obs, parallel, radius, tr, tr_model
+from apts_jax.apts_transform import (
+    APTSInfo,
+    APTSState,
+    apts,
+    apts_state_specs,
+    to_varying,
+)
 from apts_jax.minimize import MinimizeStats, minimize
 from apts_jax.parallel import solve
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
-from apts_jax.trust_region import TrustRegionInfo, TrustRegionState, trust_region
+from apts_jax.tr import TrustRegionInfo, TrustRegionState, trust_region
+
+# The old module names, for ``from apts_jax.apts import ...`` (the attribute is the factory).
+_sys.modules.setdefault(__name__ + ".apts", apts_transform)
+_sys.modules.setdefault(__name__ + ".trust_region", tr)
 
 __all__ = [
     "APTSInfo",
@@ -41,6 +54,8 @@ __all__ = [
     "TrustRegionInfo",
     "TrustRegionState",
     "apts",
+    "apts_state_specs",
+    "apts_transform",
     "lsr1",
     "minimize",
     "obs",
@@ -48,6 +63,7 @@ __all__ = [
     "radius",
     "solve",
     "to_varying",
+    "tr",
     "tr_model",
     "trust_region",
 ]

@@ -133,6 +133,21 @@ def unravel(spec: FlatSpec, flat: Array) -> Any:
 
 
 def zeros(spec: FlatSpec) -> Any:
-    """A tree of zeros with the shapes and dtypes of ``spec``."""
+    """A tree of zeros with the shapes and dtypes of ``spec``.
+
+    (Not ``optax.tree.zeros_like``: the states are built from a :class:`FlatSpec`, which keeps the
+    leaf dtypes strong even for Python-float leaves.)
+    """
     leaves = [jnp.zeros(s, d) for s, d in zip(spec.shapes, spec.dtypes, strict=True)]
     return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
+def strong(x: Any) -> Array:
+    """``x`` as an array with the same dtype and ``weak_type=False`` (stable jit signatures)."""
+    x = jnp.asarray(x)
+    return jax.lax.convert_element_type(x, x.dtype)
+
+
+def cast_like(x: Any, ref: Any) -> Array:
+    """``x`` converted to the dtype of ``ref``."""
+    return jax.lax.convert_element_type(jnp.asarray(x), jnp.asarray(ref).dtype)

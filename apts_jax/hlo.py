@@ -1,4 +1,5 @@
-r"""Parse compiled HLO text for collective operations (communication counts and volumes).
+r"""Parse compiled HLO text: collective operations (communication counts and volumes) and the
+control-flow structure (``while`` / ``conditional`` ops, fusions, custom calls).
 
 ``collective_stats(hlo_text)`` lists every collective instruction of an HLO module, as printed by
 ``jax.jit(f).lower(*args).compile().as_text()`` (or the pre-optimisation ``lower(...).as_text("hlo")``),
@@ -24,13 +25,33 @@ Example — the gradient-sized all-reduces of a program with ``n`` parameters::
 The parser reads the textual result shape of each instruction (``f32[22]{0}``,
 ``(f32[22]{0}, s32[])``, ``bf16[4,8]{1,0:T(8,128)}``); operand names are not needed, so it works on
 compiled text, where operands are printed without shapes.
+
+``op_counts(hlo_text)`` counts every instruction by opcode, in all computations, and
+``structure_counts`` keeps the ones that matter on an accelerator: ``while`` and ``conditional``
+(data-dependent control flow: the device waits for the host to read the predicate on GPU),
+``fusion`` (each a kernel launch on GPU), ``custom-call`` (library calls: LAPACK / cuSOLVER
+eigendecompositions, LU) and the collectives::
+
+    counts = structure_counts(jax.jit(f).lower(*args).compile().as_text())
+    assert counts["while"] == 0 and counts["conditional"] == 0
+
+Instructions inside fused computations are not counted by ``structure_counts`` (a fusion is one
+kernel whatever it contains); ``op_counts(..., include_fused=True)`` counts them too.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["COLLECTIVE_KINDS", "DTYPE_BYTES", "collective_stats", "count_large"]
+__all__ = [
+    "COLLECTIVE_KINDS",
+    "DTYPE_BYTES",
+    "STRUCTURE_OPS",
+    "collective_stats",
+    "count_large",
+    "op_counts",
+    "structure_counts",
+]
 
 #: Collective opcodes recognised (each also as ``<kind>-start``; ``<kind>-done`` is ignored).
 COLLECTIVE_KINDS: tuple[str, ...] = (
@@ -112,3 +133,63 @@ def count_large(
 ) -> int:
     """How many entries of ``stats`` of ``kind`` move at least ``min_elements`` elements."""
     return sum(1 for k, e, _ in stats if k == kind and e >= min_elements)
+
+
+#: Opcodes reported by :func:`structure_counts` (collectives are summed under ``"collective"``).
+STRUCTURE_OPS: tuple[str, ...] = ("while", "conditional", "fusion", "custom-call", "call")
+
+# `  [ROOT ]%name = <shape> <opcode>(` with any opcode; the shape may be a tuple with spaces.
+_ANY_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>[^=\"]*?)\s+(?P<op>[a-z][a-z0-9\-]*)\("
+)
+# A computation header: `[ENTRY ]%name (params) -> shape {`; fused ones are named `fused_*` or
+# `*fused_computation*` and called by a `fusion` instruction.
+_COMPUTATION = re.compile(r"^\s*(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*(?:\(.*)?\{\s*$")
+_CALLS = re.compile(r"calls=%?(?P<name>[\w.\-]+)")
+
+
+def op_counts(hlo_text: str, include_fused: bool = False) -> dict[str, int]:
+    """How many instructions of each opcode ``hlo_text`` contains, over all computations.
+
+    Args:
+      hlo_text: an HLO module as text (compiled or not).
+      include_fused: also count the instructions inside fused computations (those called by a
+        ``fusion`` instruction). Off by default: a fusion is one kernel.
+
+    Returns:
+      ``{opcode: count}``.
+    """
+    text = _COMMENT.sub("", hlo_text)
+    fused: set[str] = set()
+    if not include_fused:
+        for line in text.splitlines():
+            m = _ANY_INSTR.match(line)
+            if m is not None and m.group("op") == "fusion":
+                fused.update(c.group("name") for c in _CALLS.finditer(line))
+    counts: dict[str, int] = {}
+    skipping = False
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header is not None and "=" not in line.split("{")[0].split("(")[0]:
+            skipping = header.group("name") in fused
+            continue
+        if skipping:
+            continue
+        m = _ANY_INSTR.match(line)
+        if m is None:
+            continue
+        op = m.group("op")
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def structure_counts(hlo_text: str) -> dict[str, int]:
+    """``while``, ``conditional``, ``fusion``, ``custom-call``, ``call`` and ``collective`` counts.
+
+    ``collective`` counts each collective once (an async ``-start``/``-done`` pair as one), as
+    :func:`collective_stats` does. Fused computations are not entered.
+    """
+    counts = op_counts(hlo_text)
+    out = {op: counts.get(op, 0) for op in STRUCTURE_OPS}
+    out["collective"] = len(collective_stats(hlo_text))
+    return out

@@ -141,10 +141,16 @@ def gram_matrices(s: Array, y: Array, gamma: Array, ct: jnp.dtype) -> tuple[Arra
 
 
 def invert_masked(a: Array, mask: Array) -> Array:
-    """Inverse of the valid block of a symmetric matrix; rows/columns of invalid entries are zero."""
+    """Inverse of the valid block of a symmetric matrix; rows/columns of invalid entries are zero.
+
+    Computed as ``V diag(1/lambda) V^T`` from ``eigh`` rather than by LU: the pivoting of
+    ``jnp.linalg.inv`` compiles to a ``while`` loop, ``eigh`` to one library call. A singular
+    block gives non-finite entries (callers check for them), as LU does.
+    """
     outer = mask[:, None] & mask[None, :]
     padded = jnp.where(outer, a, jnp.eye(a.shape[0], dtype=a.dtype))
-    inv = jnp.linalg.inv(padded)
+    lam, v = jnp.linalg.eigh(padded)
+    inv = jnp.matmul(v / lam[None, :], v.T, precision=_HIGHEST)
     inv = 0.5 * (inv + inv.T)
     return jnp.where(outer, inv, 0.0)
 
@@ -248,6 +254,10 @@ def update(
 
     Returns:
       ``(new_memory, stored)``; when ``stored`` is False the memory is returned unchanged (bitwise).
+
+    Straight-line code (no ``while``, no ``conditional`` once compiled): the updated memory is
+    always computed and chosen by a select. Measured on CPU (n = 1e4 and 1.8e6, m = 5): as fast as
+    the former ``lax.cond`` when the pair is stored, about twice the cost of a skip (rare).
     """
     n, m = memory.s.shape
     if s.shape != (n,) or y.shape != (n,):  # static shapes: checked at trace time
@@ -290,19 +300,21 @@ def update(
         & (jnp.abs(s_r) > noise)
     )
 
-    def stored_memory() -> LSR1Memory:
-        new_s = jnp.concatenate([memory.s[:, 1:], s[:, None]], axis=1)
-        new_y = jnp.concatenate([memory.y[:, 1:], y[:, None]], axis=1)
-        mask = jnp.concatenate([memory.mask[1:], jnp.ones((1,), bool)])
-        candidate = y_y / s_y
-        new_gamma = jnp.where(jnp.isfinite(candidate) & (candidate > 0), candidate, gamma)
-        new_gamma = new_gamma.astype(dtype)
-        _, pp, sp = gram_matrices(new_s, new_y, new_gamma, ct)
-        s_norm2 = jnp.sum(new_s * new_s, axis=0).astype(ct)
-        tol = max(float(cond_tol), float(np.sqrt(eps)))
-        mask = _drop_oldest_until_conditioned(pp, sp, s_norm2, mask, tol)
-        outer = mask[:, None] & mask[None, :]
-        pp, sp = (jnp.where(outer, a, 0.0) for a in (pp, sp))
-        return LSR1Memory(new_s, new_y, mask, new_gamma, pp, sp)
-
-    return jax.lax.cond(store, stored_memory, lambda: memory), store
+    new_s = jnp.concatenate([memory.s[:, 1:], s[:, None]], axis=1)
+    new_y = jnp.concatenate([memory.y[:, 1:], y[:, None]], axis=1)
+    mask = jnp.concatenate([memory.mask[1:], jnp.ones((1,), bool)])
+    candidate = y_y / s_y
+    new_gamma = jnp.where(jnp.isfinite(candidate) & (candidate > 0), candidate, gamma)
+    new_gamma = new_gamma.astype(dtype)
+    _, pp, sp = gram_matrices(new_s, new_y, new_gamma, ct)
+    s_norm2 = jnp.sum(new_s * new_s, axis=0).astype(ct)
+    tol = max(float(cond_tol), float(np.sqrt(eps)))
+    mask = _drop_oldest_until_conditioned(pp, sp, s_norm2, mask, tol)
+    outer = mask[:, None] & mask[None, :]
+    pp, sp = (jnp.where(outer, a, 0.0) for a in (pp, sp))
+    candidate_memory = LSR1Memory(new_s, new_y, mask, new_gamma, pp, sp)
+    # A select, not a lax.cond: no host round trip on an accelerator. The stored memory is
+    # computed either way (its O(nm^2) Gram matrices are the bulk of an update); the select
+    # fuses into the concatenations that shift the buffers, so a stored pair costs the same.
+    new_memory = jax.tree.map(lambda a, b: jnp.where(store, a, b), candidate_memory, memory)
+    return new_memory, store

@@ -1,6 +1,6 @@
 r"""A jitted trust-region solver loop for deterministic problems.
 
-:func:`minimize` runs :func:`apts_jax.trust_region.iteration` (L-SR1/OBS or first-order model;
+:func:`minimize` runs :func:`apts_jax.tr.iteration` (L-SR1/OBS or first-order model;
 see that module for the math and the references: Cruz Alegría, Trotti, Kopaničáková, Krause,
 *Data-Parallel Neural Network Training via Nonlinearly Preconditioned Trust-Region Method*;
 Brust, Erway & Marcia 2017; Nocedal & Wright ch. 4 and 6) inside one :func:`jax.lax.while_loop`
@@ -22,7 +22,6 @@ Stopping tests, checked after every iteration (and once before the first):
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,17 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from apts_jax import _tree
+from apts_jax import _tree, _validate
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
-from apts_jax.trust_region import (
-    TrustRegionState,
-    _validate_skip_tol,
-    init_state,
-    iteration,
-    make_config,
-    next_state,
-    validate_model,
-)
+from apts_jax.tr import TrustRegionState, init_state, iteration, next_state
 
 __all__ = [
     "GTOL",
@@ -53,8 +44,6 @@ __all__ = [
     "minimize",
 ]
 
-_D = DEFAULT_RADIUS_CONFIG
-_INT32_MAX = 2**31 - 1
 
 RUNNING = 0
 GTOL = 1
@@ -108,24 +97,6 @@ class _Carry(NamedTuple):
     termination: Array
 
 
-def _validate_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int, got {value!r} ({type(value).__name__}).")
-    if not 0 <= value <= _INT32_MAX:
-        raise ValueError(f"{name}={value} must lie in [0, {_INT32_MAX}].")
-    return value
-
-
-def _validate_gtol(gtol: Any) -> float:
-    try:
-        value = float(gtol)
-    except Exception as err:
-        raise TypeError(f"gtol must be a real number, got {gtol!r}.") from err
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"gtol={gtol!r} must be finite and >= 0; the default is 1e-6.")
-    return value
-
-
 def minimize(
     fun: Callable[..., Any],
     params: Any,
@@ -134,14 +105,15 @@ def minimize(
     memory_size: int = 5,
     max_iterations: int = 1000,
     gtol: float = 1e-6,
-    initial_radius: float = _D.initial_radius,
-    min_radius: float = _D.min_radius,
-    max_radius: float = _D.max_radius,
-    eta1: float = _D.eta1,
-    eta2: float = _D.eta2,
-    shrink: float = _D.shrink,
-    grow: float = _D.grow,
-    boundary_fraction: float = _D.boundary_fraction,
+    radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
+    initial_radius: float | None = None,
+    min_radius: float | None = None,
+    max_radius: float | None = None,
+    eta1: float | None = None,
+    eta2: float | None = None,
+    shrink: float | None = None,
+    grow: float | None = None,
+    boundary_fraction: float | None = None,
     skip_tol: float = 1e-8,
     has_aux: bool = False,
 ) -> tuple[Any, TrustRegionState, MinimizeStats]:
@@ -158,25 +130,27 @@ def minimize(
       max_iterations: iteration budget (default 1000).
       gtol: gradient tolerance, relative: stop when
         ``||g|| <= gtol * max(1, ||g0||)`` (default 1e-6).
+      radius: the radius constants (:class:`apts_jax.radius.RadiusConfig`).
       initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction:
-        radius constants, see :class:`apts_jax.radius.RadiusConfig`.
+        convenience keywords replacing single fields of ``radius``.
       skip_tol: SR1 skip-rule tolerance (default 1e-8).
       has_aux: ``fun`` returns ``(value, aux)``; the final ``aux`` is in ``stats.aux``.
 
     Returns:
       ``(params, state, stats)``: the final parameters, the final
-      :class:`apts_jax.trust_region.TrustRegionState` (usable to continue with
+      :class:`apts_jax.tr.TrustRegionState` (usable to continue with
       :func:`apts_jax.trust_region` built with the same constants) and a :class:`MinimizeStats`.
     """
     if not callable(fun):
         raise TypeError(f"fun must be callable, got {type(fun).__name__}.")
-    validate_model(model, memory_size)
-    config = make_config(
-        initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction
+    _validate.model(model, memory_size)
+    config = _validate.radius_config(
+        radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
+        eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
     )
-    max_iterations = _validate_positive_int("max_iterations", max_iterations)
-    gtol = _validate_gtol(gtol)
-    skip_tol = _validate_skip_tol(skip_tol)
+    max_iterations = _validate.non_negative_int("max_iterations", max_iterations)
+    gtol = _validate.gtol(gtol)
+    skip_tol = _validate.skip_tol(skip_tol)
     _tree.flat_spec(params)  # raises TypeError on non-floating leaves, naming the leaf
     return _minimize_jit(
         params, args, config, jnp.asarray(max_iterations, jnp.int32), gtol,

@@ -281,7 +281,7 @@ def count_params(model_or_params: Any) -> int:
     tree = model_or_params
     if isinstance(tree, nnx.Module):
         tree = nnx.state(tree, nnx.Param)
-    return sum(int(math.prod(jnp.shape(a))) for a in jax.tree.leaves(tree))
+    return int(optax.tree.size(tree))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ a block of ``b = N / D`` subdomains, their data shards (a leading axis of size `
 sharded over the mesh axis) and their local L-SR1 memories. Inside :func:`jax.shard_map` the local
 phases of a block run under ``jax.vmap`` (no communication), block sums are plain sums, and the only
 cross-device communication is ``lax.psum`` over the mesh axis — three gradient-sized all-reduces per
-full-batch outer iteration (see :mod:`apts_jax.apts`). The results do not depend on how the ``N``
+full-batch outer iteration (see :mod:`apts_jax.apts_transform`). The results do not depend on how the ``N``
 subdomains are spread over devices (up to floating-point summation order).
 
 * :func:`subdomain_layout` — the mesh and block size, with input checks;
@@ -28,6 +28,7 @@ statistics) can be read in every process. See ``examples/multihost.py``.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -38,10 +39,11 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apts_jax import _tree
-from apts_jax.apts import _check_local_steps, outer_step, to_varying
+from apts_jax import _tree, _validate
+from apts_jax._tree import strong as _strong
+from apts_jax.apts_transform import OuterState, outer_step, to_varying
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
-from apts_jax.trust_region import _strong, init_memory, make_config, validate_model
+from apts_jax.tr import init_memory
 
 __all__ = [
     "APTSProgram",
@@ -55,8 +57,6 @@ __all__ = [
     "split_data",
     "subdomain_layout",
 ]
-
-_D = DEFAULT_RADIUS_CONFIG
 
 
 class SubdomainLayout(NamedTuple):
@@ -84,7 +84,9 @@ def subdomain_layout(
 
     Args:
       num_subdomains: ``N >= 1``, a multiple of the number of devices.
-      devices: a list of devices, a number ``D`` (the first ``D`` of ``jax.devices()``) or None.
+      devices: a list of devices, a number ``D`` (the first ``D`` of ``jax.devices()``) or None:
+        all devices, or, when ``N`` is not a multiple of their number, the largest number of
+        them that divides ``N`` (with a ``UserWarning`` naming the idle devices).
       axis_name: name of the mesh axis.
 
     Raises:
@@ -98,8 +100,15 @@ def subdomain_layout(
     if devices is None:
         devs = list(all_devices)
         if num_subdomains % len(devs):
-            # Use the largest device count that divides N.
+            # Use the largest device count that divides N, and say so: devices stay idle.
             d = max(k for k in range(1, len(devs) + 1) if num_subdomains % k == 0)
+            warnings.warn(
+                f"subdomain_layout: {num_subdomains} subdomains do not divide evenly over the "
+                f"{len(devs)} available devices, so only {d} of them are used (each device runs "
+                f"the same number of subdomains). Use a multiple of {len(devs)} subdomains, or "
+                f"pass devices={d} to choose this explicitly.",
+                stacklevel=2,
+            )
             devs = devs[:d]
     elif isinstance(devices, int | np.integer):
         if devices < 1 or devices > len(all_devices):
@@ -300,14 +309,15 @@ def make_apts(
     local_steps: int = 5,
     model: str = "sr1",
     memory_size: int = 5,
-    initial_radius: float = _D.initial_radius,
-    min_radius: float = _D.min_radius,
-    max_radius: float = _D.max_radius,
-    eta1: float = _D.eta1,
-    eta2: float = _D.eta2,
-    shrink: float = _D.shrink,
-    grow: float = _D.grow,
-    boundary_fraction: float = _D.boundary_fraction,
+    radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
+    initial_radius: float | None = None,
+    min_radius: float | None = None,
+    max_radius: float | None = None,
+    eta1: float | None = None,
+    eta2: float | None = None,
+    shrink: float | None = None,
+    grow: float | None = None,
+    boundary_fraction: float | None = None,
     skip_tol: float = 1e-8,
     check_vma: bool = True,
 ) -> APTSProgram:
@@ -316,14 +326,18 @@ def make_apts(
     ``loss_fn`` is the mean loss over one subdomain's data shard (a leaf-wise slice of the data
     returned by :func:`split_data`); ``params`` (arrays or ``jax.ShapeDtypeStruct``) fixes the
     parameter structure. Everything else as in :func:`apts_jax.apts`.
+
+    ``init`` raises ``FloatingPointError`` when the initial loss or gradient is not finite.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-    _check_local_steps(local_steps)
-    validate_model(model, memory_size)
-    config: RadiusConfig = make_config(
-        initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction
+    _validate.local_steps(local_steps)
+    _validate.model(model, memory_size)
+    config = _validate.radius_config(
+        radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
+        eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
     )
+    skip_tol = _validate.skip_tol(skip_tol)
     spec = _tree.flat_spec(params)
     axis = layout.axis_name
     n_sub = layout.num_subdomains
@@ -358,27 +372,26 @@ def make_apts(
         )
 
     def step_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
-        out = outer_step(
-            shard_vg, data_blk, state.params, state.value, state.grad, state.local_value,
-            state.local_grad, state.radius, state.local_memory, state.global_memory,
+        outer = OuterState(*(getattr(state, f) for f in OuterState._fields))
+        out, info = outer_step(
+            shard_vg, data_blk, outer,
             axis_name=axis, num_subdomains=n_sub, local_steps=local_steps, model=model,
             config=config, skip_tol=skip_tol,
         )
-        evals = jax.lax.pmax(jnp.max(out.evaluations), axis)
-        new = APTSRunState(
-            count=state.count + 1, params=out.params, value=out.value, grad=out.grad,
-            local_value=out.local_value, local_grad=out.local_grad, radius=out.radius,
-            local_memory=out.local_memory, global_memory=out.global_memory,
-            num_accepted=state.num_accepted + out.accepted.astype(jnp.int32),
-            num_rejected=state.num_rejected + (~out.accepted).astype(jnp.int32),
+        evals = jax.lax.pmax(jnp.max(info.evaluations), axis)
+        new = state._replace(
+            **out._asdict(),
+            count=state.count + 1,
+            num_accepted=state.num_accepted + info.accepted.astype(jnp.int32),
+            num_rejected=state.num_rejected + (~info.accepted).astype(jnp.int32),
             num_fun_evals=state.num_fun_evals + evals,
         )
         stats = OuterStats(
-            value=out.value, radius=out.radius, ratio=out.ratio, accepted=out.accepted,
-            global_ratio=out.global_ratio, global_accepted=out.global_accepted,
-            step_norm=out.step_norm, predicted_decrease=out.predicted_decrease,
-            actual_decrease=out.actual_decrease, grad_norm=jnp.linalg.norm(out.grad),
-            local_iterations=out.local_iterations,
+            value=out.value, radius=out.radius, ratio=info.ratio, accepted=info.accepted,
+            global_ratio=info.global_ratio, global_accepted=info.global_accepted,
+            step_norm=info.step_norm, predicted_decrease=info.predicted_decrease,
+            actual_decrease=info.actual_decrease, grad_norm=jnp.linalg.norm(out.grad),
+            local_iterations=info.local_iterations,
         )
         return new, stats
 
@@ -410,7 +423,19 @@ def make_apts(
             # other processes' devices; a host copy is accepted (and checked to agree).
             x = np.asarray(x)
         x = jax.device_put(x, replicated)
-        return init_sm(x, data)
+        state = init_sm(x, data)
+        if not isinstance(state.value, jax.core.Tracer):
+            # Replicated: this process's copy (multi-host arrays are not fully addressable).
+            value = float(np.asarray(state.value.addressable_data(0)))
+            grad_norm = float(np.linalg.norm(np.asarray(state.grad.addressable_data(0))))
+            if not (np.isfinite(value) and np.isfinite(grad_norm)):
+                raise ValueError(
+                    f"make_apts: the loss at the initial params is not finite (global loss "
+                    f"{value}, gradient norm {grad_norm}); APTS cannot start there. Check the "
+                    "data (NaN/Inf entries) and the initial params, e.g. "
+                    "jnp.isfinite(loss_fn(params, shard)) for every shard."
+                )
+        return state
 
     return APTSProgram(
         init=init,
@@ -461,6 +486,7 @@ def solve(
     model: str = "sr1",
     memory_size: int = 5,
     check_vma: bool = True,
+    radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     **radius_constants: float,
 ) -> tuple[Any, APTSRunState, SolveStats]:
     """Full-batch APTS on ``subdomains`` equal data shards as one jitted ``lax.while_loop``.
@@ -474,7 +500,9 @@ def solve(
       max_iterations: outer-iteration budget.
       gtol: stop when ``||grad|| <= gtol * max(1, ||grad_0||)``.
       local_steps, model, memory_size, check_vma: see :func:`make_apts`.
-      **radius_constants: ``initial_radius``, ``min_radius``, ... (see :func:`apts_jax.apts`).
+      radius: the radius constants (:class:`apts_jax.radius.RadiusConfig`).
+      **radius_constants: ``initial_radius``, ``min_radius``, ... replacing fields of ``radius``
+        (see :func:`apts_jax.apts`).
 
     Returns:
       ``(params, state, stats)``.
@@ -483,13 +511,12 @@ def solve(
         max_iterations < 1
     ):
         raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}.")
-    if not np.isfinite(gtol) or gtol < 0:
-        raise ValueError(f"gtol must be finite and >= 0, got {gtol!r}.")
+    gtol = _validate.gtol(gtol)
     layout = subdomain_layout(subdomains, devices)
     sharded = split_data(layout, data)
     prog = make_apts(
         loss_fn, params, layout, local_steps=local_steps, model=model, memory_size=memory_size,
-        check_vma=check_vma, **radius_constants,
+        check_vma=check_vma, radius=radius, **radius_constants,
     )
     state = prog.init(params, sharded)
     state, stats = _solve_loop(prog, state, sharded, max_iterations, float(gtol))

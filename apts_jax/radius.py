@@ -4,7 +4,7 @@ This module is the "search" half of a trust-region method (in the sense of optim
 separates the radius control from the subproblem "descent"). It knows nothing about the model
 that produced a step; it only sees the actual decrease, the predicted decrease, the radius and the
 length of the step. The same functions drive the plain trust-region optimizer
-(:mod:`apts_jax.trust_region`) and the global radius of APTS (Cruz Alegría, Trotti, Kopaničáková,
+(:mod:`apts_jax.tr`) and the global radius of APTS (Cruz Alegría, Trotti, Kopaničáková,
 Krause, *Data-Parallel Neural Network Training via Nonlinearly Preconditioned Trust-Region
 Method*).
 

@@ -25,6 +25,13 @@ A third column, the "two-pass floor", times g - Psi Psi^T g (Psi = Y - gamma S, 
 the two passes over S and Y that any solve with cached Gram matrices has to make (Psi^T g,
 then the step Psi v). It shows how close solve_memory is to the memory-bandwidth limit.
 
+Structure. The compiled HLO (this backend) of ``obs.solve``, ``obs.solve_memory`` (per m, at the
+smallest n) and of one jitted trust-region iteration (``apts_jax.tr.iteration``, L-SR1 model, a
+least-squares objective) is read with :func:`apts_jax.hlo.structure_counts`: the number of
+``while`` and ``conditional`` ops (data-dependent control flow: a device-to-host round trip per
+iteration on a GPU), fusions (kernels) and custom calls (LAPACK / cuSOLVER), reported under
+``"structure"``.
+
 Usage::
 
     python benchmarks/obs_cost.py            # full grid -> benchmarks/results/obs_cost.json
@@ -48,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apts_jax import lsr1, obs
+from apts_jax import hlo, lsr1, obs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_report  # noqa: E402
@@ -135,6 +142,54 @@ def make_memory(s: jax.Array, y: jax.Array, gamma: jax.Array) -> lsr1.LSR1Memory
     return lsr1.LSR1Memory(
         s=s, y=y, mask=jnp.ones((m,), bool), gamma=gamma, psi_psi=psi_psi, s_psi=s_psi
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Structure of the compiled programs.
+# --------------------------------------------------------------------------------------------
+def _tr_module() -> Any:
+    """The module with the trust-region ``iteration`` (``apts_jax.tr``; ``trust_region`` before)."""
+    import importlib
+
+    for name in ("apts_jax.tr", "apts_jax.trust_region"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def structure(n: int, ms) -> dict[str, Any]:
+    """``hlo.structure_counts`` of the compiled OBS solves (per m) and of one TR iteration."""
+    out: dict[str, Any] = {"n": n, "backend": jax.default_backend()}
+    gamma = jnp.float32(1.0)
+    for m in ms:
+        g, s, y = make_pairs(jax.random.PRNGKey(0), n, m, (-1.0, 2.0))
+        r = jnp.float32(1.0)
+        solve_text = jax.jit(obs.solve).lower(g, s, y, gamma, r).compile().as_text()
+        memory_text = (
+            jax.jit(obs.solve_memory).lower(g, make_memory(s, y, gamma), r).compile().as_text()
+        )
+        out[f"solve_m{m}"] = hlo.structure_counts(solve_text)
+        out[f"solve_memory_m{m}"] = hlo.structure_counts(memory_text)
+    tr = _tr_module()
+    if tr is not None and hasattr(tr, "iteration"):
+        m = ms[0]
+        target = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
+
+        def vg(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return jax.value_and_grad(lambda z: 0.5 * jnp.sum((z - target) ** 2))(x)
+
+        def one(x, v, gr, rad, mem):
+            return tr.iteration(vg, x, v, gr, rad, mem, model="sr1")
+
+        x = jnp.zeros((n,), jnp.float32)
+        v, gr = vg(x)
+        mem = lsr1.init(n, m)
+        text = jax.jit(one).lower(x, v, gr, jnp.float32(1.0), mem).compile().as_text()
+        out["tr_iteration"] = hlo.structure_counts(text)
+        out["tr_iteration_module"] = tr.__name__
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +345,8 @@ def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[st
             goal["met_solve_memory"] = goal_row["ratio_solve_memory"] <= GOAL["max_ratio"]
 
     info["loadavg_end"] = list(os.getloadavg())
+    struct = structure(min(ns), ms)
+    log(f"structure (compiled HLO): {struct}")
     return {
         "schema_version": SCHEMA_VERSION,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -317,6 +374,7 @@ def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[st
         "mlp_grad": grad_stats,
         "results": results,
         "cases_seen": cases_seen,
+        "structure": struct,
         "goal": goal,
         "total_timing_s": time.perf_counter() - t_all,
     }
@@ -365,6 +423,13 @@ def format_table(report: dict[str, Any]) -> str:
             )
         lines += ["", text]
     lines.append(f"cases seen: {report['cases_seen']}")
+    struct = report.get("structure") or {}
+    for key, counts in struct.items():
+        if isinstance(counts, dict):
+            lines.append(
+                f"{key}: while {counts['while']}, conditional {counts['conditional']}, "
+                f"fusion {counts['fusion']}, custom-call {counts['custom-call']}"
+            )
     return "\n".join(lines)
 
 

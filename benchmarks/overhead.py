@@ -29,6 +29,10 @@ a new outer iteration (the state evolves). Reported: per ``N`` the median/IQR ov
 both times, the per-repeat ratios and their median, the ratio of the summed times, and all raw
 samples.
 
+Structure. For every ``N`` the compiled HLO of the outer step is read with
+:func:`apts_jax.hlo.structure_counts` (``while`` / ``conditional`` ops, fusions, custom calls,
+collectives) and reported under ``"structure"`` in each result.
+
 Usage::
 
     python benchmarks/overhead.py                      # -> benchmarks/results/overhead.json
@@ -120,8 +124,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
     import numpy as np
     from jax.sharding import PartitionSpec as P
 
-    from apts_jax import _tree, parallel
-    from apts_jax.apts import to_varying
+    from apts_jax import _tree, hlo, parallel, to_varying
 
     machine = machine_info()
     sizes = cfg["sizes"]
@@ -177,10 +180,13 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
                                 jax.sharding.NamedSharding(layout.mesh, P(layout.axis_name)))
         jax.block_until_ready(ref(state.params, data, counts))
         log(f"N = {n}: compiled step and reference in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        struct = hlo.structure_counts(prog.step.lower(state, data).compile().as_text())
+        log(f"N = {n}: outer step HLO {struct} (read in {time.perf_counter() - t0:.1f} s)")
         setups[n] = {"prog": prog, "ref": ref, "data": data, "state": state, "layout": layout,
                      "step_s": [], "eval_s": [], "ratios": [], "step_all_s": [], "eval_all_s": [],
                      "cpu_ratios": [], "step_cpu_s": [], "eval_cpu_s": [],
-                     "local_iterations": [], "accepted": []}
+                     "local_iterations": [], "accepted": [], "structure": struct}
 
     order = list(cfg["ns"])
     rnd = random.Random(args.seed)
@@ -246,6 +252,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
             "evaluations_cpu_all_s": s["eval_cpu_s"],
             "cpu_ratio_per_repeat": [float(v) for v in s["cpu_ratios"]],
             "cpu_ratio_median": float(statistics.median(s["cpu_ratios"])),
+            "structure": s["structure"],
         })
     return {
         "schema_version": SCHEMA_VERSION,

@@ -31,11 +31,11 @@ read the state through ``nnx.as_pure(optimizer.opt_state)``, and give ``nnx.Opti
 gradients *wrapped in Variables* again (it filters ``grads`` by ``wrt=nnx.Param``, which drops
 plain arrays): :func:`as_variables`.
 
-**2. APTS inside ``jax.shard_map``.** :func:`apts_jax.apts.apts` is the paper's APTS as an optax
+**2. APTS inside ``jax.shard_map``.** :func:`apts_jax.apts` is the paper's APTS as an optax
 transformation that runs *inside* a function mapped over subdomains, one per device here. The model
 is split into ``graphdef, params, rest``; ``params`` (a pure ``nnx.State``) is replicated, every
 device holds its shard of the data and computes its local loss and gradient from a *varying*
-copy of the parameters (:func:`apts_jax.apts.to_varying`; ``jax.grad`` of replicated params
+copy of the parameters (:func:`apts_jax.to_varying`; ``jax.grad`` of replicated params
 inside ``shard_map`` would return the sum over devices), and ``update`` runs the local
 trust-region steps and the three all-reduces. The APTS state has per-device leaves (the local
 value, gradient and L-SR1 memory) and replicated ones: :func:`apts_state_specs`. The updated
@@ -65,7 +65,7 @@ from jax import Array
 from jax.sharding import PartitionSpec as P
 
 import apts_jax
-from apts_jax.apts import APTSInfo, APTSState, apts, to_varying
+from apts_jax import APTSState, apts, apts_state_specs, to_varying
 
 # ------------------------------------------------------------------------------------------------
 # Data
@@ -208,28 +208,6 @@ def train_trust_region(
 # 2. APTS inside jax.shard_map
 # ------------------------------------------------------------------------------------------------
 
-#: Per-subdomain fields of :class:`apts_jax.apts.APTSState` / :class:`~apts_jax.apts.APTSInfo`.
-LOCAL_STATE_FIELDS = ("value", "grad", "local_memory")
-LOCAL_INFO_FIELDS = ("local_iterations", "num_fun_evals")
-
-
-def apts_state_specs(state: APTSState, axis: str) -> APTSState:
-    """``PartitionSpec``s of the APTS state under ``shard_map`` (one subdomain per device).
-
-    The per-subdomain leaves (this device's value, gradient, L-SR1 memory and two counters) are
-    stored outside with a leading device axis, ``P(axis)``; everything else is replicated,
-    ``P()``.
-    """
-    def spec(name: str, sub: Any, local: tuple[str, ...]) -> Any:
-        return jax.tree.map(lambda _: P(axis) if name in local else P(), sub)
-
-    fields = {f: spec(f, getattr(state, f), LOCAL_STATE_FIELDS)
-              for f in APTSState._fields if f != "info"}
-    info = APTSInfo(**{f: spec(f, getattr(state.info, f), LOCAL_INFO_FIELDS)
-                       for f in APTSInfo._fields})
-    return APTSState(**fields, info=info)
-
-
 def _map_local(fn: Callable[[Array], Array], specs: Any, state: Any, axis: str) -> Any:
     return jax.tree.map(lambda s, a: fn(a) if s == P(axis) else a, specs, state,
                         is_leaf=lambda s: isinstance(s, P))
@@ -263,7 +241,8 @@ def train_apts(
     def loss_fn(p: nnx.State, xb: Array, yb: Array) -> Array:
         return loss_of(nnx.merge(graphdef, p, rest), xb, yb)
 
-    tx = apts(axis, local_steps=local_steps, model=tr_model, **radius)
+    # Full batch: the data never changes, so the values/gradients of the last update are reused.
+    tx = apts(axis, local_steps=local_steps, model=tr_model, reuse_value_and_grad=True, **radius)
     state0 = tx.init(params)
     specs = apts_state_specs(state0, axis)
     state = _map_local(lambda a: jnp.broadcast_to(a, (devices, *a.shape)), specs, state0, axis)

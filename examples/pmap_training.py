@@ -12,9 +12,9 @@ The update call serves both: it passes the device-averaged gradient as ``updates
 uses) and, as optax extra arguments that Adam ignores, this device's own ``value``, ``grad`` and
 ``value_fn`` on its part of the minibatch (what APTS uses: each device is one subdomain, it runs
 ``nu`` local trust-region steps on its part and the devices add their steps; see
-:func:`apts_jax.apts.apts`). ``fresh_data=True`` tells APTS that the data changed since the last
-update (minibatch training, the paper's SAPTS). For APTS the averaged ``updates`` only fix the
-parameter structure.
+:func:`apts_jax.apts`). APTS uses the ``value``/``grad`` of the current minibatch at every update
+(its default; minibatch training is the paper's SAPTS). For APTS the averaged ``updates`` only fix
+the parameter structure.
 
 Run (4 simulated CPU devices; on GPUs/TPUs drop ``--cpu-devices``)::
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from _mlp import accuracy, cross_entropy, init_mlp
     from jax import lax
 
-    from apts_jax.apts import apts
+    from apts_jax import apts
     from apts_jax.data import load_dataset
 
     n_dev = jax.local_device_count()
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loss, grads = jax.value_and_grad(cross_entropy)(params, x, y)
         updates, opt_state = opt.update(
             lax.pmean(grads, "batch"), opt_state, params,
-            value=loss, grad=grads, value_fn=lambda p: cross_entropy(p, x, y), fresh_data=True,
+            value=loss, grad=grads, value_fn=lambda p: cross_entropy(p, x, y),
         )
         return optax.apply_updates(params, updates), opt_state, lax.pmean(loss, "batch")
 

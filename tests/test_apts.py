@@ -1,7 +1,7 @@
-"""Tests of the APTS core (:mod:`apts_jax.apts`): Algorithm 1 step by step, and its optax face.
+"""Tests of the APTS core (:mod:`apts_jax.apts_transform`): Algorithm 1 step by step, and its optax face.
 
 * ``N = 1``: one outer iteration is the local TR loop on ``f`` (at most ``nu`` iterations of
-  :func:`apts_jax.trust_region.iteration`, stopped at the boundary), the APTS ratio test (eq. 6-7)
+  :func:`apts_jax.tr.iteration`, stopped at the boundary), the APTS ratio test (eq. 6-7)
   and one global TR iteration -- rebuilt by hand in float64 and compared iteration by iteration;
 * the local phase: the first local gradient is the global one (``r_i`` in the gradient), the
   value of ``f_i`` carries ``<r_i, x - theta_k>``, ``||s_i|| <= Delta/N``;
@@ -26,12 +26,20 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from logistic_problem import logistic_data, logistic_loss, zeros_params
 
+import apts_jax
 from apts_jax import lsr1, parallel
-from apts_jax.apts import APTSInfo, APTSState, apts, local_phase, to_varying
+from apts_jax.apts_transform import (
+    apts,
+    apts_state_specs,
+    local_phase,
+    outer_step,
+    ratio_test,
+    to_varying,
+)
 from apts_jax.data import OverlapSampler
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG
+from apts_jax.tr import iteration
 from apts_jax.tr_model import compute_step
-from apts_jax.trust_region import iteration
 
 MODELS = ["sr1", "first_order"]
 AXIS = "i"
@@ -434,33 +442,6 @@ def test_optax_face_fresh_data_matches_fresh_step():
     assert np.linalg.norm(want[-1]) > 0.1
 
 
-#: Fields of :class:`APTSState` that differ between subdomains (the rest is replicated).
-LOCAL_STATE_FIELDS = ("value", "grad", "local_memory")
-LOCAL_INFO_FIELDS = ("local_iterations", "num_fun_evals")
-
-
-def optax_state_specs(state: APTSState, axis: str) -> APTSState:
-    """``PartitionSpec``s of the optax-face state under ``jax.shard_map`` (one subdomain per
-    device along ``axis``).
-
-    Per-subdomain (``P(axis)``, stored *outside* with a leading axis of size ``N``, one row per
-    device): ``value`` and ``grad`` (this subdomain's loss and gradient at the current params),
-    ``local_memory`` (its L-SR1 memory), ``info.local_iterations`` and ``info.num_fun_evals``.
-    Everything else is replicated (``P()``): ``count``, ``global_value``, ``global_grad``,
-    ``radius``, ``global_memory`` and the rest of ``info``. Inside the mapped function the
-    per-subdomain leaves are squeezed (``a[0]``) before ``update`` and expanded (``a[None]``)
-    after it: :func:`apts` keeps one subdomain per instance without a block axis.
-    """
-    def spec(field, sub, local_fields):
-        return jax.tree.map(lambda _: P(axis) if field in local_fields else P(), sub)
-
-    fields = {f: spec(f, getattr(state, f), LOCAL_STATE_FIELDS)
-              for f in APTSState._fields if f != "info"}
-    info = APTSInfo(**{f: spec(f, getattr(state.info, f), LOCAL_INFO_FIELDS)
-                       for f in APTSInfo._fields})
-    return APTSState(**fields, info=info)
-
-
 def _map_local(fn, specs, state):
     return jax.tree.map(lambda s, a: fn(a) if s == P(AXIS) else a, specs, state,
                         is_leaf=lambda x: isinstance(x, P))
@@ -491,7 +472,7 @@ def test_optax_face_in_shard_map(solve_reference, check_vma):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), (AXIS,))
     optimizer = apts(AXIS, **OPTAX_RADIUS)
     state0 = optimizer.init(p0)
-    specs = optax_state_specs(state0, AXIS)
+    specs = apts_state_specs(state0, AXIS)
     state = _map_local(lambda a: jnp.broadcast_to(a, (n,) + a.shape), specs, state0)
     step = _shard_map_step(optimizer, specs, mesh, check_vma)
     batches = _per_subdomain(data, n)
@@ -510,7 +491,7 @@ def test_shard_map_replicated_grad_is_rejected():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), (AXIS,))
     optimizer = apts(AXIS, **OPTAX_RADIUS)
     state0 = optimizer.init(p0)
-    specs = optax_state_specs(state0, AXIS)
+    specs = apts_state_specs(state0, AXIS)
     state = _map_local(lambda a: jnp.broadcast_to(a, (n,) + a.shape), specs, state0)
     step = _shard_map_step(optimizer, specs, mesh, check_vma=True, vary=False)
     with pytest.raises(ValueError, match=r"replicated.*to_varying"):
@@ -566,3 +547,282 @@ def test_update_needs_value_fn():
     p, state, value_fn = _update_args(optimizer)
     with pytest.raises(TypeError, match="value_fn"):
         optimizer.update(p, state, p, value=value_fn(p), grad=p)
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. The ratio test (eq. 6-7) as a pure function, and rho for N > 1 against a hand computation
+# ------------------------------------------------------------------------------------------------
+
+_C = DEFAULT_RADIUS_CONFIG  # eta1 = 0.1, eta2 = 0.75, shrink 0.5, grow 2, [1e-8, 10]
+_NAN, _INF = float("nan"), float("inf")
+RATIO_CASES = [  # actual, predicted, trial_finite, radius -> rho, accepted, new radius
+    (1.0, 2.0, True, 1.0, 0.5, True, 1.0),  # eta1 <= rho <= eta2: accept, keep
+    (3.0, 4.0, True, 1.0, 0.75, True, 1.0),  # rho == eta2: keep (grow needs rho > eta2)
+    (0.1, 1.0, True, 1.0, 0.1, True, 1.0),  # rho == eta1: accept, keep
+    (1.0, 1.0, True, 1.0, 1.0, True, 2.0),  # rho > eta2: grow (no boundary test in eq. 7)
+    (8.0, 1.0, True, 6.0, 8.0, True, 10.0),  # grow clipped at max_radius
+    (-1.0, 1.0, True, 1.0, -1.0, False, 0.5),  # worse: reject, shrink
+    (-1.0, 1.0, True, 1.5e-8, -1.0, False, 1e-8),  # shrink clipped at min_radius
+    (1.0, 0.0, True, 1.0, -_INF, False, 0.5),  # predicted 0: guarded
+    (1.0, -1.0, True, 1.0, -_INF, False, 0.5),  # predicted < 0: guarded
+    (1.0, _NAN, True, 1.0, -_INF, False, 0.5),  # predicted NaN: guarded
+    (_NAN, 1.0, True, 1.0, -_INF, False, 0.5),  # actual NaN: guarded
+    (_INF, 1.0, True, 1.0, -_INF, False, 0.5),  # actual inf (trial -inf): guarded
+    (1.0, 1.0, False, 1.0, -_INF, False, 0.5),  # non-finite trial gradient: guarded
+]
+
+
+def test_ratio_test_pure_function(precision):
+    cols = list(zip(*RATIO_CASES, strict=True))
+    actual, predicted, finite, radius = (np.asarray(c) for c in cols[:4])
+    got = jax.jit(lambda a, p, f, r: ratio_test(a, p, f, r, _C))(
+        actual.astype(precision), predicted.astype(precision), finite, radius.astype(precision))
+    assert got.ratio.dtype == precision and got.radius.dtype == precision
+    np.testing.assert_allclose(np.asarray(got.ratio), np.asarray(cols[4], float), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got.accepted), np.asarray(cols[5]))
+    np.testing.assert_allclose(np.asarray(got.radius), np.asarray(cols[6], float), rtol=1e-6)
+
+
+def test_ratio_for_several_subdomains_is_over_the_sum_of_local_decreases(x64):
+    """N = 4 on 2 devices, nu = 1, first-order model: every local phase is one step of length
+    Delta/N along -g (the first local gradient is the global one), so eq. 6 can be computed by
+    hand: rho = (f(theta) - f(theta + sum_i s_i)) / sum_i (f_i(theta) - f_i(theta + s_i))."""
+    n_sub, features = 4, 6
+    data = logistic_data(features, 64, seed=5, dtype=np.float64)
+    p0 = {"w": jnp.asarray(np.linspace(-0.5, 0.5, features)), "b": jnp.asarray(0.2)}
+    layout = parallel.subdomain_layout(n_sub, devices=2)
+    prog = parallel.make_apts(logistic_loss, p0, layout, model="first_order", local_steps=1,
+                              initial_radius=0.4)
+    sharded = parallel.split_data(layout, data)
+    state = prog.init(p0, sharded)
+    _, stats = prog.step(state, sharded)
+
+    shards = [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(n_sub)]
+    loss = jax.jit(lambda w, b, sh: logistic_loss({"w": w, "b": b}, sh))
+    grad = jax.jit(jax.grad(lambda w, b, sh: logistic_loss({"w": w, "b": b}, sh), argnums=(0, 1)))
+
+    def f_and_g(w, b, sh):
+        gw, gb = grad(w, b, sh)
+        return float(loss(w, b, sh)), np.concatenate([np.asarray(gw), [float(gb)]])
+
+    w0, b0 = np.asarray(p0["w"]), float(p0["b"])
+    local = [f_and_g(w0, b0, sh) for sh in shards]
+    g = np.mean([gi for _, gi in local], axis=0)
+    cap = 0.4 / n_sub
+    s = -cap * g / np.linalg.norm(g)
+    steps, decreases = [], []
+    for (fi, gi), sh in zip(local, shards, strict=True):
+        r = g - gi
+        fi_trial = float(loss(w0 + s[:-1], b0 + s[-1], sh)) + r @ s
+        accepted = (fi - fi_trial) / (cap * np.linalg.norm(g)) >= _C.eta1
+        steps.append(s if accepted else 0 * s)
+        decreases.append(fi - fi_trial if accepted else 0.0)
+    total = np.sum(steps, axis=0)
+    f0 = np.mean([fi for fi, _ in local])
+    f1 = np.mean([float(loss(w0 + total[:-1], b0 + total[-1], sh)) for sh in shards])
+    predicted = np.sum(decreases)
+    assert predicted > 0 and abs(predicted - np.mean(decreases)) > 0.5 * predicted
+    np.testing.assert_allclose(float(stats.predicted_decrease), predicted, rtol=1e-10)
+    np.testing.assert_allclose(float(stats.actual_decrease), f0 - f1, rtol=1e-10)
+    np.testing.assert_allclose(float(stats.ratio), (f0 - f1) / predicted, rtol=1e-10)
+
+
+def test_outer_step_takes_and_returns_named_state(x64):
+    """``outer_step`` on one instance (no mapped axis) with an :class:`OuterState`."""
+    from apts_jax.apts_transform import OuterInfo, OuterState
+
+    data = logistic_data(4, 32, seed=2, dtype=np.float64)
+    x0 = jnp.zeros(5)
+
+    def vg(x, shard):
+        return jax.value_and_grad(lambda z: logistic_loss({"w": z[1:], "b": z[0]}, shard))(x)
+
+    v, g = vg(x0, data)
+    st = OuterState(params=x0, value=v, grad=g, local_value=v[None], local_grad=g[None],
+                    radius=jnp.asarray(0.1), local_memory=None, global_memory=None)
+    new, info = jax.jit(lambda s: outer_step(vg, jax.tree.map(lambda a: a[None], data), s,
+                                             axis_name=None, num_subdomains=1,
+                                             model="first_order"))(st)
+    assert isinstance(new, OuterState) and isinstance(info, OuterInfo)
+    assert bool(info.accepted) and float(new.value) < float(v)
+    np.testing.assert_allclose(float(new.value), float(vg(new.params, data)[0]), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. The optax face as users write it: top-level factory, current data, the stacked layout
+# ------------------------------------------------------------------------------------------------
+
+
+def test_factories_are_callable_at_the_top_level():
+    assert isinstance(apts_jax.apts(AXIS), optax.GradientTransformationExtraArgs)
+    assert isinstance(apts_jax.trust_region(), optax.GradientTransformationExtraArgs)
+    assert apts_jax.apts is apts and apts_jax.apts_transform.apts is apts
+    from apts_jax.apts import outer_step as old_name  # the old module name still imports
+    from apts_jax.trust_region import iteration as old_iteration
+
+    assert old_name is outer_step and old_iteration is iteration
+
+
+def _sapts_problem():
+    n_sub, features = 4, 20
+    data = logistic_data(features, 512, seed=9)
+    sampler = OverlapSampler(512, 128, n_sub, seed=1)
+    micro = [{k: v[idx] for k, v in data.items()}
+             for e in range(2) for idx in sampler.epoch(e).microbatches]  # (N, m, ...) each
+    return n_sub, zeros_params(features), micro
+
+
+def _vmap_apts_run(optimizer, n_sub, p0, batches, **update_kw):
+    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_sub,) + a.shape), p0)
+    opt_state = jax.vmap(optimizer.init)(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def one(params, opt_state, batch):
+            value_fn = lambda p: logistic_loss(p, batch)  # noqa: E731
+            value, grad = jax.value_and_grad(value_fn)(params)
+            updates, opt_state = optimizer.update(grad, opt_state, params, value=value, grad=grad,
+                                                  value_fn=value_fn, **update_kw)
+            return optax.apply_updates(params, updates), opt_state
+        return jax.vmap(one, axis_name=AXIS)(params, opt_state, batch)
+
+    out = []
+    for batch in batches:
+        params, opt_state = step(params, opt_state, batch)
+        out.append((flat(jax.tree.map(lambda a: a[0], params)), float(opt_state.info.ratio[0]),
+                    float(opt_state.global_value[0])))
+    return out
+
+
+@pytest.mark.parametrize("fresh_data", [None, True])
+def test_default_update_uses_the_current_minibatch(fresh_data):
+    """Two (and more) minibatches: rho and r_i of every update come from the batch passed to it
+    (as ``make_apts(...).fresh_step``), by default (``fresh_data`` not given) too."""
+    n_sub, p0, micro = _sapts_problem()
+    layout = parallel.subdomain_layout(n_sub, devices=n_sub)
+    prog = parallel.make_apts(logistic_loss, p0, layout, model="first_order")
+    sharding = jax.sharding.NamedSharding(layout.mesh, P(layout.axis_name))
+    state = prog.init(p0, jax.device_put(micro[0], sharding))
+    want = []
+    for batch in micro:
+        state, stats = prog.fresh_step(state, jax.device_put(batch, sharding))
+        want.append((np.asarray(state.params), float(stats.ratio)))
+
+    kw = {} if fresh_data is None else {"fresh_data": True}
+    got = _vmap_apts_run(apts(AXIS, model="first_order"), n_sub, p0, micro, **kw)
+    for (gp, gr, _), (wp, wr) in zip(got, want, strict=True):
+        np.testing.assert_allclose(gp, wp, rtol=0, atol=1e-5 * np.max(np.abs(wp)))
+        np.testing.assert_allclose(gr, wr, rtol=1e-4)
+    assert np.linalg.norm(want[-1][0]) > 0.1
+
+
+def test_reuse_value_and_grad_is_explicit_and_exact_for_full_batch(solve_reference):
+    """Full batch: ``reuse_value_and_grad=True`` (three all-reduces per update) and the default
+    (re-reduce what is passed) both follow ``parallel.solve``; with minibatches only the default
+    uses the current batch (the ratio of the second update differs)."""
+    data, p0 = optax_problem()
+    batches = [_per_subdomain(data, OPTAX_N)] * OPTAX_STEPS
+    for reuse in (True, False):
+        run = _vmap_apts_run(apts(AXIS, reuse_value_and_grad=reuse, **OPTAX_RADIUS), OPTAX_N, p0,
+                             batches)
+        _check_against_solve(run[-1][0], [v for *_, v in run], solve_reference)
+    n_sub, p0, micro = _sapts_problem()
+    fresh = _vmap_apts_run(apts(AXIS, model="first_order"), n_sub, p0, micro[:2])
+    stale = _vmap_apts_run(apts(AXIS, model="first_order", reuse_value_and_grad=True), n_sub, p0,
+                           micro[:2])
+    assert fresh[0][1] == stale[0][1] and abs(fresh[1][1] - stale[1][1]) > 1e-3
+
+
+def test_recorded_optax_face_trajectory_float64(x64):
+    """The optax face (vmap, N = 4, nu = 3, full batch) reproduces the trajectory recorded before
+    issue 9's refactoring (see tests/test_parallel.py::RECORDED)."""
+    data = logistic_data(6, 64, seed=3, dtype=np.float64)
+    p0 = zeros_params(6, jnp.float64)
+    batches = [_per_subdomain(data, 4)] * 6
+    want = [0.5881392743843715, 0.37713996514236114, 0.23242640350661425, 0.21249782503599626,
+            0.16696291461664303, 0.14307444828506055]
+    for reuse in (True, False):
+        run = _vmap_apts_run(apts(AXIS, local_steps=3, reuse_value_and_grad=reuse), 4, p0,
+                             batches)
+        np.testing.assert_allclose([v for *_, v in run], want, rtol=1e-9)
+    np.testing.assert_allclose(
+        run[-1][0], [0.09537894588638073, 3.5219831781392834, 1.5943622589740158,
+                     3.3836452568845563, 2.5745028240075443, -0.054241572027661694,
+                     -5.425719255124568], rtol=1e-8)
+
+
+def _stacked_shard_map_step(optimizer, mesh, check_vma, reuse_first_value=True):
+    """The user's way: the whole state stacked along the subdomain axis (``P(axis)`` for every
+    leaf), squeezed inside with ``a[0]`` and restored with ``a[None]``."""
+    def step(params, state, x, y):
+        state = jax.tree.map(lambda a: a[0], state)
+        batch = {"x": x[0], "y": y[0]}
+        value_fn = lambda p: logistic_loss(p, batch)  # noqa: E731
+        value, grad = jax.value_and_grad(value_fn)(to_varying(params, AXIS))
+        updates, state = optimizer.update(grad, state, params, value=value, grad=grad,
+                                          value_fn=value_fn)
+        return optax.apply_updates(params, updates), jax.tree.map(lambda a: a[None], state)
+
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+                                 out_specs=(P(), P(AXIS)), check_vma=check_vma))
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_optax_face_in_shard_map_with_stacked_state(solve_reference, check_vma, reuse):
+    data, p0 = optax_problem()
+    n = OPTAX_N
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), (AXIS,))
+    optimizer = apts(AXIS, reuse_value_and_grad=reuse, **OPTAX_RADIUS)
+    state = jax.vmap(optimizer.init)(jax.tree.map(lambda a: jnp.stack([a] * n), p0))
+    step = _stacked_shard_map_step(optimizer, mesh, check_vma)
+    batches = _per_subdomain(data, n)
+    params, values = p0, []
+    for _ in range(OPTAX_STEPS):
+        params, state = step(params, state, batches["x"], batches["y"])
+        values.append(float(state.global_value[0]))
+    _check_against_solve(flat(params), values, solve_reference)
+
+
+def test_state_with_block_axis_gets_a_clear_error():
+    data, p0 = optax_problem()
+    n = OPTAX_N
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), (AXIS,))
+    optimizer = apts(AXIS, **OPTAX_RADIUS)
+    state = jax.vmap(optimizer.init)(jax.tree.map(lambda a: jnp.stack([a] * n), p0))
+
+    def step(params, state, x, y):  # forgets to squeeze the state's block axis
+        batch = {"x": x[0], "y": y[0]}
+        value_fn = lambda p: logistic_loss(p, batch)  # noqa: E731
+        value, grad = jax.value_and_grad(value_fn)(to_varying(params, AXIS))
+        return optimizer.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
+
+    batches = _per_subdomain(data, n)
+    fn = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+                       out_specs=(P(), P(AXIS)))
+    with pytest.raises(ValueError, match=r"subdomain axis.*jax.tree.map\(lambda a: a\[0\]"):
+        fn(p0, state, batches["x"], batches["y"])
+
+
+def test_extra_keyword_arguments_not_taken_by_value_fn_raise():
+    optimizer = apts(AXIS)
+    p, state, _ = _update_args(optimizer)
+    batched = jax.tree.map(lambda a: jnp.broadcast_to(a, (2,) + a.shape), (p, state))
+
+    def one(q, st, **kw):
+        value_fn = lambda q, scale: scale * jnp.sum(q["w"] ** 2)  # noqa: E731
+        v, g = jax.value_and_grad(value_fn)(q, 2.0)
+        return optimizer.update(q, st, q, value=v, grad=g, value_fn=value_fn, **kw)
+
+    jax.vmap(lambda q, st: one(q, st, scale=2.0), axis_name=AXIS)(*batched)  # accepted
+    with pytest.raises(TypeError, match=r"\['unused'\] are not accepted by value_fn"):
+        jax.vmap(lambda q, st: one(q, st, scale=2.0, unused=1), axis_name=AXIS)(*batched)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "x"])
+def test_skip_tol_is_validated(bad):
+    with pytest.raises((ValueError, TypeError), match="skip_tol"):
+        apts(AXIS, skip_tol=bad)
+    layout = parallel.subdomain_layout(2, devices=2)
+    with pytest.raises((ValueError, TypeError), match="skip_tol"):
+        parallel.make_apts(logistic_loss, zeros_params(3), layout, skip_tol=bad)

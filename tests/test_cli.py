@@ -281,3 +281,119 @@ def test_existing_run_needs_resume(tmp_path, data_dir, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert (out / "loss.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Code shape: no import cycle in the app; the trainer's one loop and its callbacks
+# ---------------------------------------------------------------------------------------------
+
+
+def _app_imports() -> dict[str, set[str]]:
+    """``apts_jax.app`` module -> the ``apts_jax.app`` modules it imports (anywhere in the file)."""
+    import ast
+
+    import apts_jax.app
+
+    root = Path(apts_jax.app.__file__).parent
+    names = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for mod in mods:
+                parts = mod.split(".")
+                if parts[:2] == ["apts_jax", "app"] and len(parts) > 2 and parts[2] in names:
+                    deps.add(parts[2])
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_app_modules_import_no_cycle():
+    graph = _app_imports()
+    assert {"config", "cli", "train", "trainer"} <= set(graph)
+    assert "cli" not in graph["train"] and "train" not in graph["config"]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, node, dep])}"
+            if dep not in state:
+                visit(dep, [*path, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_trainer_runs_one_loop_with_callbacks_and_continues_a_log():
+    import jax.numpy as jnp
+
+    from apts_jax.app.trainer import Callback, Method, StepReport, Trainer, TrainLog
+
+    def make_method() -> Method:
+        return Method(
+            name="toy", label="toy", init=lambda: jnp.float32(0.0),
+            step=lambda s, b: (s + b, StepReport(s + b, grad_evals=2)),
+            batches=lambda epoch: iter([float(epoch), 10.0 * epoch, 100.0]),  # cut to 2
+            iterations_per_epoch=2, samples_per_eval=5, num_train=10, params=lambda s: s,
+        )
+
+    events: list[tuple] = []
+
+    class Recorder(Callback):
+        def on_train_begin(self, trainer):
+            events.append(("begin", trainer.log.epoch))
+
+        def on_step(self, trainer, info):
+            events.append(("step", trainer.epoch, info.loss, info.grad_evals))
+
+        def epoch_metrics(self, trainer, state):
+            return {"test_accuracy": float(state)}
+
+        def on_epoch_end(self, trainer, state):
+            events.append(("epoch", trainer.log.history[-1]["epoch"]))
+
+        def on_train_end(self, trainer, state):
+            events.append(("end", float(state)))
+
+        def close(self):
+            events.append(("close",))
+
+    trainer = Trainer(make_method(), 2, [Recorder()])
+    state = trainer.fit(make_method().init())
+    assert float(state) == 1 + 10 + 2 + 20
+    assert events == [("begin", 0), ("epoch", 0), ("step", 1, 1.0, 2), ("step", 1, 11.0, 4),
+                      ("epoch", 1), ("step", 2, 13.0, 6), ("step", 2, 33.0, 8), ("epoch", 2),
+                      ("end", 33.0), ("close",)]
+    rows = trainer.log.history
+    assert [r["iterations"] for r in rows] == [0, 2, 4]
+    assert [r["batch_loss"] for r in rows] == [None, 6.0, 23.0]
+    assert [r["data_passes"] for r in rows] == [0.0, 2.0, 4.0]  # 4 evaluations of 5 of 10 samples
+    assert rows[2]["test_accuracy"] == 33.0 and rows[2]["radius"] is None
+    assert [it["iteration"] for it in trainer.log.iterations] == [1, 2, 3, 4]
+
+    # Continuing the record of epoch 1 from its state gives the same epoch 2.
+    log = TrainLog(history=[dict(r) for r in rows[:2]], iterations=trainer.log.iterations[:2],
+                   grad_evals=4)
+    events.clear()
+    again = Trainer(make_method(), 2, [Recorder()], log).fit(jnp.float32(11.0))
+    assert float(again) == 33.0 and events[0] == ("begin", 1) and ("epoch", 0) not in events
+    strip = ("wall_time_s", "train_time_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in log.history] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in rows]
+
+    # An error inside the loop still closes every callback.
+    events.clear()
+    broken = make_method()
+    broken.step = lambda s, b: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(broken, 1, [Recorder()]).fit(broken.init())
+    assert events[-1] == ("close",) and ("end", 0.0) not in events

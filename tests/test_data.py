@@ -658,6 +658,20 @@ def test_offline_error_names_every_route(monkeypatch, tmp_path):
 def test_offline_error_without_download_and_http_404(monkeypatch, tmp_path, server):
     with pytest.raises(DatasetNotFoundError, match="download: disabled \\(download=False\\)"):
         load_dataset("mnist", download=False)
-    with pytest.raises(DatasetNotFoundError, match="(?s)HTTP Error 404.*How to fix") as info:
+    with pytest.raises(DatasetNotFoundError, match="(?s)404 Client Error.*How to fix") as info:
         load_dataset("mnist", cache_dir=tmp_path / "cache", mirror=server.url)
     assert "apt-get" not in str(info.value)  # the Debian hint is only for Fashion-MNIST
+
+
+def test_download_from_a_file_mirror(monkeypatch, tmp_path):
+    """A ``file://`` mirror (pooch has no downloader for it) is copied and verified like HTTP."""
+    arrays = _serve_fashion(monkeypatch, tmp_path)
+    d = load_dataset("fashion_mnist", cache_dir=tmp_path / "cache",
+                     mirror=(tmp_path / "www").as_uri())
+    np.testing.assert_array_equal(d.train_y, arrays["train_labels"])
+    assert d.source == tmp_path / "cache" / "fashion_mnist"
+    _serve_fashion(monkeypatch, tmp_path, wrong=True)
+    with pytest.raises(ChecksumMismatchError, match="file://"):
+        load_dataset("fashion_mnist", cache_dir=tmp_path / "cache2",
+                     mirror=(tmp_path / "www").as_uri())
+    assert not (tmp_path / "cache2" / "fashion_mnist").exists()

@@ -177,7 +177,7 @@ def test_apts_state_specs():
     from jax.sharding import PartitionSpec as P
 
     params = functional(MLP((3, 2), rngs=nnx.Rngs(0)))[1]
-    state = apts_jax.apts.apts("i").init(params)
+    state = apts_jax.apts("i").init(params)
     specs = nnx_example.apts_state_specs(state, "i")
     assert jax.tree.structure(specs, is_leaf=lambda s: isinstance(s, P)) == jax.tree.structure(
         state)

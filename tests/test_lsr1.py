@@ -13,7 +13,7 @@ import pytest
 from conftest import make_rng
 from dense_reference import compact_conditioning, compact_dense, sr1_denominators, sr1_dense
 
-lsr1 = pytest.importorskip("apts_jax.lsr1")
+from apts_jax import lsr1
 
 SKIP_TOL = 1e-8
 
@@ -73,7 +73,9 @@ def _rel(a, b) -> float:
 
 
 def _tol(dtype) -> float:
-    return 1e-9 if dtype == np.float64 else 2e-3
+    """Relative error bound on B (measured in float32: <= 1.4e-6 on test_dense_matvec_match_recursion,
+    where the held pairs have cond(M^{-1}) <= 60)."""
+    return 1e-9 if dtype == np.float64 else 3e-5
 
 
 def random_pair(rng, n, A, noise=0.3):
@@ -136,10 +138,9 @@ def test_dense_matvec_match_recursion(precision, n, m, npairs):
         Bj = _np(dense_j(mem)).astype(np.float64)
         assert Bj.shape == (n, n)
         assert np.all(np.isfinite(Bj))
-        # float32: error ~ eps32 * cond; only compare tightly when the held data is well-conditioned
-        tol = _tol(precision) * (1.0 if precision == np.float64 else max(1.0, kM / 1e2))
-        if kM > 1e6:
-            continue
+        # error ~ eps * cond(M^{-1}); lsr1.update keeps the held pairs well conditioned
+        assert kM <= 1e4, kM
+        tol = _tol(precision)
         compared += 1
         assert _rel(Bj, Bref) <= tol, (trial, _rel(Bj, Bref), kM, kP)
         np.testing.assert_allclose(Bj, Bj.T, rtol=0, atol=tol * np.abs(Bref).max())

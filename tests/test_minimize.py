@@ -21,7 +21,7 @@ from apts_jax.minimize import (
     MinimizeStats,
     minimize,
 )
-from apts_jax.trust_region import TrustRegionState
+from apts_jax.tr import TrustRegionState
 
 MODELS = ["sr1", "first_order"]
 

@@ -25,8 +25,8 @@ from apts_jax import (
 )
 from apts_jax import radius as radius_lib
 from apts_jax.minimize import MAX_ITERATIONS, MIN_RADIUS
+from apts_jax.tr import iteration
 from apts_jax.tr_model import FIRST_ORDER, compute_step, first_order_step
-from apts_jax.trust_region import iteration
 
 MODELS = ["sr1", "first_order"]
 
@@ -443,3 +443,39 @@ def test_update_rejects_bad_input_before_evaluating():
     state = opt.init(params)
     updates, new_state = opt.update(grad, state, params, **ok)
     assert calls and int(new_state.count) == 1 and int(state.count) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# One RadiusConfig argument for every factory (the eight keywords stay as a convenience)
+# ------------------------------------------------------------------------------------------------
+
+
+def _initial_radius(factory, **kw):
+    import apts_jax
+
+    p = jnp.zeros(3)
+    if factory == "trust_region":
+        return float(trust_region(**kw).init(p).radius)
+    if factory == "apts":
+        return float(apts_jax.apts("i", **kw).init(p).radius)
+    if factory == "minimize":
+        return float(minimize(lambda x: jnp.sum((x - 1.0) ** 2), p, max_iterations=0, **kw)[1].radius)
+    assert factory == "make_apts"
+    layout = apts_jax.parallel.subdomain_layout(2, devices=2)
+    loss = lambda x, shard: jnp.sum((x - shard) ** 2)  # noqa: E731
+    prog = apts_jax.parallel.make_apts(loss, p, layout, **kw)
+    return float(prog.init(p, apts_jax.parallel.split_data(layout, np.ones((4, 3), np.float32))).radius)
+
+
+@pytest.mark.parametrize("factory", ["trust_region", "apts", "minimize", "make_apts"])
+def test_radius_config_argument(factory):
+    cfg = RadiusConfig(initial_radius=0.5, max_radius=4.0)
+    assert _initial_radius(factory, radius=cfg) == 0.5
+    assert _initial_radius(factory, initial_radius=0.25) == 0.25  # keyword on the default
+    assert _initial_radius(factory, radius=cfg, initial_radius=0.5) == 0.5  # agrees: fine
+    with pytest.raises(ValueError, match=r"\['initial_radius'\] given both"):
+        _initial_radius(factory, radius=cfg, initial_radius=0.2)
+    with pytest.raises(TypeError, match="RadiusConfig"):
+        _initial_radius(factory, radius={"initial_radius": 0.5})
+    with pytest.raises(ValueError, match="exceeds max_radius"):  # validated like the keywords
+        _initial_radius(factory, radius=RadiusConfig(initial_radius=0.5, max_radius=0.1))

@@ -41,6 +41,15 @@ def _quiet_orbax() -> None:
         pass
 
 
+def _to_shape_dtype_struct(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and sharding of ``x``, as orbax restores it (``ocp.tree`` since 0.11.x)."""
+    import orbax.checkpoint as ocp
+
+    tree = getattr(ocp, "tree", None)
+    convert = getattr(tree, "to_shape_dtype_struct", None) or ocp.utils.to_shape_dtype_struct
+    return convert(x)
+
+
 class Checkpointer:
     """Save and restore ``(state, meta)`` pairs by epoch in ``directory``.
 
@@ -91,10 +100,7 @@ class Checkpointer:
         shapes, dtypes and shardings."""
         ocp = self._ocp
         leaves, treedef = jax.tree.flatten(template)
-        abstract = []
-        for x in leaves:
-            x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
-            abstract.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding))
+        abstract = [_to_shape_dtype_struct(jnp.asarray(x)) for x in leaves]
         try:
             restored = self._manager.restore(
                 int(epoch),

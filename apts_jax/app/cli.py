@@ -19,104 +19,34 @@ import datetime as _dt
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-__all__ = ["DEFAULTS", "TrainConfig", "build_parser", "main", "parse_train_args"]
+from apts_jax.app.config import (
+    DATASET_CHOICES,
+    DEFAULT_JOB_DOC,
+    DEFAULTS,
+    FULL_BATCH,
+    MODEL_CHOICES,
+    OPTIMIZER_CHOICES,
+    RESUME_MAY_CHANGE,
+    SUBDOMAIN_METHODS,
+    TrainConfig,
+    UsageError,
+)
 
-DATASET_CHOICES = ("fashion_mnist", "mnist", "cifar10")
-# Mirrors apts_jax.models.MODELS (kept literal so that ``--help`` does not import Flax/JAX; a test
-# checks that they agree).
-MODEL_CHOICES = ("mlp", "mlp_mnist", "mlp_cifar", "cnn")
-OPTIMIZER_CHOICES = ("apts", "sapts", "tr", "adam", "sgd", "lbfgs")
-#: Optimizers that always use the whole (subset) training set per iteration.
-FULL_BATCH = ("apts", "lbfgs")
-#: Optimizers that run on subdomains.
-SUBDOMAIN_METHODS = ("apts", "sapts")
-
-#: Defaults of the no-argument job (``python -m apts_jax``), see :data:`DEFAULT_JOB_DOC`.
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion_mnist",
-    "model": "mlp",
-    "optimizer": "sapts",
-    "local_steps": 3,
-    "memory": 5,
-    "overlap": 0.05,
-    "subdomain_overlap": 0.05,
-    "epochs": 3,
-    "iterations_per_epoch_full": 10,  # full-batch methods: outer iterations per epoch
-    "sapts_batch": 2000,  # rounded down to a multiple of the subdomain count
-    "minibatch": 128,  # adam / sgd (and tr when --batch-size is given)
-    "min_subdomains": 4,
-    "seed": 0,
-    "lr": {"adam": 1e-3, "sgd": 0.01},
-    "momentum": 0.9,
-}
-
-DEFAULT_JOB_DOC = """\
-With no arguments this trains the paper's 784-512-256-10 ReLU MLP (535,818 parameters) on the
-full Fashion-MNIST training set (60,000 images; test set 10,000) with SAPTS: 4 subdomains
-(or the next multiple of the device count) on every local device, minibatches of 2,000
-samples from the overlap sampler (5% overlap), 3 local L-SR1 trust-region steps per subdomain
-and outer iteration, 3 epochs of 32 outer iterations (about 1.5-3 minutes on a 2-core CPU;
-about 83% test accuracy). Outputs go to runs/<optimizer>-<dataset>-<timestamp>/."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The resolved training configuration (written to ``config.json``).
-
-    Fields that depend on the devices (``devices``, ``subdomains``, ``batch_size``) are filled in
-    by :func:`apts_jax.app.train.resolve_devices` once JAX is up; ``None`` there means "not
-    decided yet". ``batch_size=None`` after resolution means full batch.
-    """
-
-    dataset: str
-    data_dir: str | None
-    model: str
-    hidden: tuple[int, ...] | None
-    optimizer: str
-    subdomains: int | None
-    devices: int | None
-    local_steps: int
-    second_order: bool
-    memory: int
-    batch_size: int | None
-    overlap: float
-    subdomain_overlap: float
-    epochs: int
-    iterations_per_epoch: int | None
-    subset: int | None
-    lr: float | None
-    momentum: float | None
-    seed: int
-    out: str
-    resume: bool
-    progress: bool | None
-    plots: bool
-
-    @property
-    def tr_model(self) -> str:
-        """The trust-region model name of the core library (``"sr1"`` or ``"first_order"``)."""
-        return "sr1" if self.second_order else "first_order"
-
-    @property
-    def full_batch(self) -> bool:
-        return self.optimizer in FULL_BATCH or (self.optimizer == "tr" and self.batch_size is None)
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden) if self.hidden else None
-        d["tr_model"] = self.tr_model
-        d["full_batch"] = self.full_batch
-        return d
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-
-# Fields that may differ between a run and its --resume (everything else must match).
-RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "out", "progress", "plots", "data_dir"})
+# The configuration lives in apts_jax.app.config; its names stay importable from here.
+__all__ = [
+    "DATASET_CHOICES",
+    "DEFAULTS",
+    "MODEL_CHOICES",
+    "OPTIMIZER_CHOICES",
+    "RESUME_MAY_CHANGE",
+    "TrainConfig",
+    "UsageError",
+    "build_parser",
+    "configure_devices",
+    "main",
+    "parse_train_args",
+]
 
 
 def _positive_int(text: str) -> int:
@@ -324,35 +254,20 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = f"runs/{opt}-{args.dataset}-{stamp}"
-    return TrainConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        model=args.model,
+    # Every argument whose dest is a TrainConfig field is copied; the rest is derived here.
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(
         hidden=tuple(args.hidden) if args.hidden else None,
-        optimizer=opt,
         subdomains=args.subdomains if opt in SUBDOMAIN_METHODS else None,
-        devices=args.devices,
-        local_steps=args.local_steps,
         second_order=bool(args.second_order),
-        memory=args.memory,
-        batch_size=args.batch_size,
-        overlap=args.overlap,
-        subdomain_overlap=args.subdomain_overlap,
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        subset=args.subset,
         lr=lr,
         momentum=momentum,
-        seed=args.seed,
         out=out,
         resume=bool(args.resume),
-        progress=args.progress,
         plots=bool(args.plots),
     )
-
-
-class UsageError(Exception):
-    """A flag combination found invalid after JAX started (exit status 2, one line)."""
+    return TrainConfig(**values)
 
 
 def _error(message: str, status: int) -> int:
@@ -365,30 +280,17 @@ def configure_devices(devices: int | None) -> None:
     """Ask JAX for ``devices`` simulated CPU devices when its backends have not started yet.
 
     Must run before any JAX computation. When JAX is already up (e.g. in a test session that
-    configured its own devices) nothing changes; :func:`apts_jax.app.train.resolve_devices` then
+    configured its own devices) nothing changes; :func:`apts_jax.app.train.resolve_config` then
     checks that enough devices exist.
     """
     import jax
 
-    if devices is None:
+    if devices is None or int(jax.config.jax_num_cpu_devices) >= devices:
         return
     try:
-        from jax._src import xla_bridge
-
-        started = xla_bridge.backends_are_initialized()
-    except Exception:  # pragma: no cover - private API moved
-        started = False
-    if started:
-        return
-    try:
-        current = int(jax.config.jax_num_cpu_devices)
-    except Exception:  # pragma: no cover
-        current = -1
-    if current < devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", int(devices))
-        except RuntimeError:  # pragma: no cover - backends started in between
-            pass
+        jax.config.update("jax_num_cpu_devices", int(devices))
+    except RuntimeError:  # JAX's own check: its backends have started, the count is fixed
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

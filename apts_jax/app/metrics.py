@@ -142,8 +142,18 @@ def _fmt(value: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def _ascii_head_rule() -> Any:
+    from rich.box import Box
+
+    # rich.box.SIMPLE_HEAD with "-": the table is printed to any terminal and written to a file.
+    return Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
+
+
 def summary_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
-    """A plain-text table of the epoch rows (for the terminal and ``summary.txt``)."""
+    """A plain-text table of the epoch rows (for the terminal and ``summary.txt``), drawn by rich."""
+    from rich.console import Console
+    from rich.table import Table
+
     cols = (
         ("epoch", "epoch", "d"),
         ("iters", "iterations", "d"),
@@ -157,16 +167,15 @@ def summary_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
         ("grad evals", "grad_evals", "d"),
         ("data passes", "data_passes", ".2f"),
     )
-    table = [[name for name, _, _ in cols]]
+    table = Table(title=title or None, title_justify="left", box=_ascii_head_rule(),
+                  show_edge=False, pad_edge=False)
+    for name, _, _ in cols:
+        table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
-        table.append([_fmt(row.get(key), spec) for _, key, spec in cols])
-    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
-    lines = []
-    if title:
-        lines.append(title)
-    sep = "  "
-    lines.append(sep.join(h.rjust(w) for h, w in zip(table[0], widths, strict=True)))
-    lines.append(sep.join("-" * w for w in widths))
-    for r in table[1:]:
-        lines.append(sep.join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-    return "\n".join(lines)
+        table.add_row(*(_fmt(row.get(key), spec) for _, key, spec in cols))
+    # Plain text whatever the terminal: no colours, no width limit (the file must not wrap).
+    console = Console(file=io.StringIO(), width=1000, color_system=None, force_terminal=False,
+                      highlight=False, emoji=False, markup=False)
+    with console.capture() as capture:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in capture.get().splitlines()).strip("\n")

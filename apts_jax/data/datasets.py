@@ -23,11 +23,12 @@ or :class:`~apts_jax.data.CIFARFormatError`), not a reason to try the next route
 lacks the files is skipped (and named in the final error); for CIFAR-10, a folder holding only
 some of the batch files counts as found and malformed (the error names the missing batches).
 
-Downloads go to a temporary file in the cache folder, are verified against the known checksums
-(MD5 and/or SHA-256 per file; any listed digest may match), and are then renamed into place
-atomically, so the cache never holds a partial or unverified file. On a mismatch the temporary file
-is deleted and :class:`ChecksumMismatchError` is raised. The mirror is ``mirror`` (the argument),
-else ``$APTS_JAX_DATA_MIRROR``, else the official locations; a custom mirror serves the file
+Downloads use :func:`pooch.retrieve`: the data goes to a temporary file in the cache folder, is
+verified against the known checksums (MD5 and/or SHA-256 per file; any listed digest may match),
+and is then renamed into place, so the cache never holds a partial or unverified file. On a
+mismatch the temporary file is deleted and :class:`ChecksumMismatchError` is raised. The mirror
+is ``mirror`` (the argument), else ``$APTS_JAX_DATA_MIRROR``, else the official locations (tried
+in turn); a custom mirror serves the file
 ``<file>`` of dataset ``<name>`` at ``<mirror>/<name>/<file>`` (``file://`` URLs work too).
 
 If no route works, :class:`DatasetNotFoundError` lists every route tried, why it failed, and how to
@@ -41,8 +42,8 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
-import urllib.error
+import shutil
+import urllib.parse
 import urllib.request
 import warnings
 import zlib
@@ -331,6 +332,7 @@ def _canonical_name(name: str) -> str:
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/apts_jax`` if ``XDG_CACHE_HOME`` is an absolute path, else
     ``~/.cache/apts_jax``."""
+    # Not pooch.os_cache: platformdirs accepts a relative $XDG_CACHE_HOME and differs on macOS.
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "apts_jax"
@@ -385,17 +387,15 @@ def _probe_root(spec: DatasetSpec, root: Path, subfolders: bool) -> tuple[object
     return None, "; ".join(reasons)
 
 
-def _digest_matches(digests: dict[str, str], checksums: tuple[str, ...]) -> bool:
-    for item in checksums:
-        algo, _, value = item.partition(":")
-        if algo not in digests:
-            raise ValueError(f"unsupported checksum {item!r} (use md5:<hex> or sha256:<hex>)")
-        if digests[algo] == value.lower():
-            return True
-    return False
+def _checksum_matches(path: Path, checksums: tuple[str, ...]) -> bool:
+    """Whether ``path`` matches ANY of ``checksums`` (``"md5:<hex>"`` / ``"sha256:<hex>"``)."""
+    import pooch
+
+    return any(pooch.hashes.hash_matches(str(path), item) for item in checksums)
 
 
 def _gunzip_sha256(path: Path) -> str | None:
+    # Hand-written: pooch hashes files as stored; this digests the gzip payload (re-packed mirrors).
     h = hashlib.sha256()
     try:
         with gzip.open(path, "rb") as fh:
@@ -406,16 +406,6 @@ def _gunzip_sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def _file_digests(path: Path) -> dict[str, str]:
-    md5 = hashlib.md5(usedforsecurity=False)
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            md5.update(chunk)
-            sha.update(chunk)
-    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
-
-
 def verify_file(path: str | os.PathLike[str], remote: RemoteFile) -> bool:
     """Whether ``path`` matches one of ``remote.checksums`` or, for gzip, ``content_sha256``.
 
@@ -424,64 +414,74 @@ def verify_file(path: str | os.PathLike[str], remote: RemoteFile) -> bool:
     path = Path(path)
     if not remote.checksums and remote.content_sha256 is None:
         return True
-    if _digest_matches(_file_digests(path), remote.checksums):
+    if _checksum_matches(path, remote.checksums):
         return True
     return remote.content_sha256 is not None and _gunzip_sha256(path) == remote.content_sha256
+
+
+def _verifying_downloader(remote: RemoteFile, timeout: float):
+    """A pooch downloader that fetches ``url`` and then checks it against ``remote``.
+
+    pooch checks one ``known_hash``; a file here may match any of several digests (official,
+    Debian, gunzipped payload), so the check runs inside the downloader, on pooch's temporary
+    file, before pooch renames it into place (and pooch deletes it when this raises).
+    """
+    import pooch
+
+    http = pooch.HTTPDownloader(progressbar=False, timeout=timeout,
+                                headers={"User-Agent": "apts_jax"})
+
+    def download(url: str, output_file: str, pup: object) -> None:
+        if url.startswith("file://"):  # pooch has no downloader for local mirrors
+            shutil.copyfile(urllib.request.url2pathname(urllib.parse.urlparse(url).path),
+                            output_file)
+        else:
+            http(url, output_file, pup)
+        if not remote.checksums and remote.content_sha256 is None:
+            warnings.warn(
+                f"no checksum is known for {remote.filename}; {url} was not verified",
+                stacklevel=4,
+            )
+        elif not verify_file(output_file, remote):
+            got = {alg: pooch.file_hash(output_file, alg=alg) for alg in ("sha256", "md5")}
+            expected = list(remote.checksums)
+            if remote.content_sha256:
+                expected.append(f"sha256 of the gunzipped content:{remote.content_sha256}")
+            raise ChecksumMismatchError(
+                f"{url}: checksum mismatch for {remote.filename} "
+                f"({os.path.getsize(output_file)} bytes): got sha256:{got['sha256']} "
+                f"md5:{got['md5']}, expected one of {', '.join(expected)}. The download was "
+                f"deleted and nothing was written to {Path(output_file).parent}; the mirror "
+                "serves a corrupt or different file."
+            )
+
+    return download
 
 
 def download_file(
     url: str, dest: str | os.PathLike[str], remote: RemoteFile, *, timeout: float = DEFAULT_TIMEOUT
 ) -> Path:
-    """Download ``url`` to ``dest`` atomically, verifying it against ``remote``'s checksums.
+    """Download ``url`` to ``dest`` with :func:`pooch.retrieve`, verifying ``remote``'s checksums.
 
-    The data goes to a hidden temporary file next to ``dest`` (same folder, so the final
-    :func:`os.replace` is atomic); only a verified file is renamed to ``dest``. On any failure
-    (network error, checksum mismatch, interruption) the temporary file is removed.
+    pooch streams the data to a temporary file next to ``dest`` (same folder) and renames it to
+    ``dest`` only after the check passed; on any failure (network error, checksum mismatch,
+    interruption) the temporary file is removed. An existing ``dest`` is returned as it is.
 
     Raises:
       ChecksumMismatchError: the file matches none of the known digests.
-      urllib.error.URLError, OSError, TimeoutError: the download failed.
+      OSError (e.g. ``requests.HTTPError``, ``requests.ConnectionError``): the download failed.
     """
+    import pooch
+
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")  # pooch's INFO lines suggest a known_hash; we verified already
     try:
-        nbytes = 0
-        md5 = hashlib.md5(usedforsecurity=False)
-        sha = hashlib.sha256()
-        request = urllib.request.Request(url, headers={"User-Agent": "apts_jax"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
-            for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                out.write(chunk)
-                md5.update(chunk)
-                sha.update(chunk)
-                nbytes += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        digests = {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
-        if not remote.checksums and remote.content_sha256 is None:
-            warnings.warn(
-                f"no checksum is known for {remote.filename}; {url} was not verified",
-                stacklevel=2,
-            )
-        elif not (
-            _digest_matches(digests, remote.checksums)
-            or (remote.content_sha256 is not None and _gunzip_sha256(tmp) == remote.content_sha256)
-        ):
-            expected = list(remote.checksums)
-            if remote.content_sha256:
-                expected.append(f"sha256 of the gunzipped content:{remote.content_sha256}")
-            raise ChecksumMismatchError(
-                f"{url}: checksum mismatch for {remote.filename} ({nbytes} bytes): got "
-                f"sha256:{digests['sha256']} md5:{digests['md5']}, expected one of "
-                f"{', '.join(expected)}. The download was deleted and nothing was written to "
-                f"{dest.parent}; the mirror serves a corrupt or different file."
-            )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        pooch.retrieve(url, known_hash=None, fname=dest.name, path=dest.parent,
+                       downloader=_verifying_downloader(remote, timeout), progressbar=False)
+    finally:
+        logger.setLevel(level)
     return dest
 
 
@@ -516,18 +516,15 @@ def _download_files(
         if dest.is_file():
             continue  # only verified files are ever renamed into the cache
         errors = []
+        # pooch fetches one URL per file; falling back from one mirror to the next is ours.
         for url in _mirror_urls(spec, remote.filename, mirror):
             try:
                 download_file(url, dest, remote, timeout=timeout)
                 break
             except ChecksumMismatchError:
                 raise
-            except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
-                plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(
-                    exc, urllib.error.HTTPError
-                )
-                reason = exc.reason if plain_url_error else exc
-                errors.append(f"{url}: {reason}")
+            except (OSError, TimeoutError, ValueError) as exc:  # requests' errors are OSErrors
+                errors.append(f"{url}: {exc}")
         else:
             return False, "; ".join(errors)
     return True, ""

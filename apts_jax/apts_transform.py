@@ -24,23 +24,30 @@ the parameters. One outer iteration from :math:`\theta_k` with global radius :ma
    not finite. Accept :math:`\tilde\theta = \theta_k + \tilde s` iff :math:`\rho \ge \eta_1`; radius
    eq. 7: :math:`\min(\beta\Delta, \Delta_{\max})` if :math:`\rho > \eta_2`,
    :math:`\max(\alpha\Delta, \Delta_{\min})` if :math:`\rho < \eta_1`, else unchanged;
-5. one global trust-region iteration (:func:`apts_jax.trust_region.iteration`, global L-SR1 memory)
+5. one global trust-region iteration (:func:`apts_jax.tr.iteration`, global L-SR1 memory)
    from :math:`\tilde\theta` with :math:`\tilde\Delta` gives :math:`\theta_{k+1}`, :math:`\Delta_{k+1}`.
 
 Every value and gradient is reused: the global and local values and gradients at the point accepted
-in step 5 serve step 1 of the next iteration (for full-batch APTS), and the scalar reductions ride
+in step 5 serve step 1 of the next iteration (for full-batch APTS: :mod:`apts_jax.parallel`'s
+``step``, or :func:`apts` with ``reuse_value_and_grad=True``), and the scalar reductions ride
 along with the vector ones. An outer iteration therefore performs exactly **three gradient-sized
 all-reduces**, whatever :math:`\nu`: the summed local steps, the global gradient at
-:math:`\theta_k + \tilde s`, and the global gradient at the trial point of step 5. Per subdomain it
-costs :math:`\le \nu + 2` value-and-gradient evaluations on the local shard.
+:math:`\theta_k + \tilde s`, and the global gradient at the trial point of step 5 (a fourth
+reduces the caller's values and gradients when the data change, as in SAPTS and :func:`apts`'s
+default). Per subdomain it costs :math:`\le \nu + 2` value-and-gradient evaluations on the local
+shard.
 
 The decisions (acceptance, radii) use reduced, replicated quantities, so all subdomains agree.
 
-Layout. The core, :func:`outer_step`, works on a *block* of ``b`` subdomains held by one program
-instance (a leading axis of size ``b`` on everything local), reduces over the block with a plain sum
-and across instances with ``lax.psum`` over ``axis_name`` (a mesh axis of :func:`jax.shard_map`, a
-``pmap`` axis, or a tuple of them). :func:`apts` is the optax face with ``b = 1`` (one subdomain per
-mapped instance); :mod:`apts_jax.parallel` runs ``N`` subdomains on ``D`` devices with ``b = N/D``.
+Layout. The core, :func:`outer_step`, maps an :class:`OuterState` to the next one through named
+steps (local phases, summed step, :func:`ratio_test` for eq. 6–7, global iteration) and works on
+a *block* of ``b`` subdomains held by one program instance (a leading axis of size ``b`` on
+everything local), reduces over the block with a plain sum and across instances with
+``lax.psum`` over ``axis_name`` (a mesh axis of :func:`jax.shard_map`, a
+``pmap`` axis, or a tuple of them). :func:`apts` (also ``apts_jax.apts``) is the optax face with
+``b = 1`` (one subdomain per mapped instance); :mod:`apts_jax.parallel` runs ``N`` subdomains on
+``D`` devices with ``b = N/D``. This module was ``apts_jax.apts`` before the factory took that
+name (``from apts_jax.apts import ...`` still works through an alias).
 """
 
 from __future__ import annotations
@@ -53,32 +60,30 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
-from apts_jax import _tree
+from apts_jax import _tree, _validate
 from apts_jax import radius as radius_lib
+from apts_jax._tree import strong as _strong
 from apts_jax._vma import match_vma, varying_axes
 from apts_jax.lsr1 import LSR1Memory
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
-from apts_jax.trust_region import (
-    _split_kwargs,
-    _strong,
-    init_memory,
-    iteration,
-    make_config,
-    validate_model,
-)
+from apts_jax.tr import init_memory, iteration
 
 __all__ = [
     "APTSInfo",
     "APTSState",
-    "OuterResult",
+    "LocalResult",
+    "OuterInfo",
+    "OuterState",
+    "RatioTest",
     "apts",
+    "apts_state_specs",
+    "local_phase",
     "outer_step",
+    "ratio_test",
     "to_varying",
 ]
 
 AxisName = Any  # a hashable axis name or a tuple of them
-
-_D = DEFAULT_RADIUS_CONFIG
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,12 +150,7 @@ def _all_sum(x: Array, axis_name: AxisName | None) -> Array:
 
 
 def _num_instances(axis_name: AxisName | None) -> int:
-    if axis_name is None:
-        return 1
-    size = 1
-    for a in _axes(axis_name):
-        size *= int(jax.lax.axis_size(a))
-    return size
+    return 1 if axis_name is None else int(jax.lax.axis_size(_axes(axis_name)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +204,7 @@ def local_phase(
         grad: Array
         radius: Array
         memory: Any
+        dist: Array  # ||x - theta_k||, carried: one norm per iteration
         j: Array
         accepted: Array
         done: Array
@@ -212,7 +213,7 @@ def local_phase(
         return (c.j < local_steps) & ~c.done
 
     def body(c: Carry) -> Carry:
-        left = cap - jnp.linalg.norm(c.x - theta)
+        left = cap - c.dist
         res = iteration(
             value_and_grad,
             c.x,
@@ -224,16 +225,17 @@ def local_phase(
             config=local_config,
             skip_tol=skip_tol,
         )
-        reached = jnp.linalg.norm(res.params - theta) >= stop_at
+        dist = jnp.linalg.norm(res.params - theta)
         return Carry(
             res.params,
             res.value,
             res.grad,
             jnp.minimum(res.radius, cap),
             res.memory,
+            dist,
             c.j + 1,
             c.accepted + res.accepted.astype(jnp.int32),
-            reached,
+            dist >= stop_at,
         )
 
     init = Carry(
@@ -242,6 +244,7 @@ def local_phase(
         local_grad + r,
         cap,
         memory,
+        jnp.zeros_like(cap),
         jnp.zeros((), jnp.int32),
         jnp.zeros((), jnp.int32),
         jnp.zeros((), bool),
@@ -263,16 +266,32 @@ def local_phase(
 # ----------------------------------------------------------------------------------------------
 
 
-class OuterResult(NamedTuple):
-    """Outcome of one APTS outer iteration (flat vectors; ``b`` = local block size).
+class OuterState(NamedTuple):
+    """The iterate of APTS on a block of ``b`` subdomains (flat vectors).
 
     Attributes:
-      params: :math:`\\theta_{k+1}` (replicated).
-      value, grad: global :math:`f`, :math:`\\nabla f` at ``params`` (replicated).
-      local_value, local_grad: ``(b,)``, ``(b, n)`` local values/gradients at ``params``.
-      radius: :math:`\\Delta_{k+1}`.
-      local_memory: per-subdomain L-SR1 memories (leading axis ``b``) or None.
-      global_memory: the global L-SR1 memory or None.
+      params: :math:`\\theta_k`, shape ``(n,)`` (replicated).
+      value, grad: global :math:`f(\\theta_k)`, :math:`\\nabla f(\\theta_k)` (replicated).
+      local_value, local_grad: ``(b,)``, ``(b, n)`` local values/gradients at :math:`\\theta_k`.
+      radius: :math:`\\Delta_k`.
+      local_memory: L-SR1 memories with leading axis ``b`` (None for the first-order model).
+      global_memory: the global L-SR1 memory (None for the first-order model).
+    """
+
+    params: Array
+    value: Array
+    grad: Array
+    local_value: Array
+    local_grad: Array
+    radius: Array
+    local_memory: Any
+    global_memory: Any
+
+
+class OuterInfo(NamedTuple):
+    """Diagnostics of one outer iteration (replicated unless noted).
+
+    Attributes:
       ratio: APTS ratio :math:`\\rho_k` (eq. 6), ``-inf`` for a guarded rejection.
       accepted: the APTS step :math:`\\tilde s` was accepted.
       predicted_decrease: :math:`\\sum_i f_i(\\theta_k) - f_i(\\theta_k + s_i)`.
@@ -284,14 +303,6 @@ class OuterResult(NamedTuple):
       evaluations: ``(b,)`` value-and-gradient evaluations per subdomain in this iteration.
     """
 
-    params: Array
-    value: Array
-    grad: Array
-    local_value: Array
-    local_grad: Array
-    radius: Array
-    local_memory: Any
-    global_memory: Any
     ratio: Array
     accepted: Array
     predicted_decrease: Array
@@ -304,17 +315,91 @@ class OuterResult(NamedTuple):
     evaluations: Array
 
 
+class RatioTest(NamedTuple):
+    """Outcome of the APTS ratio test (eq. 6-7), see :func:`ratio_test`."""
+
+    ratio: Array
+    accepted: Array
+    radius: Array
+
+
+def ratio_test(
+    actual_decrease: Array,
+    predicted_decrease: Array,
+    trial_finite: Array,
+    radius: Array,
+    config: RadiusConfig = DEFAULT_RADIUS_CONFIG,
+) -> RatioTest:
+    r"""The APTS ratio test of the summed step (eq. 6) and the new global radius (eq. 7). Pure.
+
+    :math:`\rho = (f(\theta_k) - f(\theta_k + \tilde s)) / \sum_i (f_i(\theta_k) - f_i(\theta_k +
+    s_i))`; :math:`\rho = -\infty` when the predicted decrease is :math:`\le 0` or not finite, the
+    actual decrease is not finite, or the trial value/gradient is not finite (``trial_finite``
+    False). Accept iff :math:`\rho \ge \eta_1`. Radius (eq. 7, no boundary test: the summed step
+    is not a minimiser of one model): :math:`\min(\beta\Delta, \Delta_{\max})` if
+    :math:`\rho > \eta_2`, :math:`\max(\alpha\Delta, \Delta_{\min})` if :math:`\rho < \eta_1`,
+    else :math:`\Delta`.
+
+    Args:
+      actual_decrease: :math:`f(\theta_k) - f(\theta_k + \tilde s)`.
+      predicted_decrease: the *sum* over subdomains of the local decreases.
+      trial_finite: bool, :math:`f` and :math:`\nabla f` at :math:`\theta_k + \tilde s` are finite.
+      radius: :math:`\Delta_k`.
+      config: the radius constants.
+    """
+    rho = radius_lib.ratio(actual_decrease, predicted_decrease)
+    rho = jnp.where(trial_finite, rho, -jnp.inf).astype(rho.dtype)
+    accepted = rho >= config.eta1
+    # eq. 7 grows on rho > eta2 alone: pass the radius as the step norm (the boundary test holds).
+    new_radius = radius_lib.update_radius(radius, rho, radius, config)
+    return RatioTest(ratio=rho, accepted=accepted, radius=new_radius)
+
+
+def _reduce_mean(vals: Array, grads: Array, axis_name: AxisName | None, n_sub: float
+                 ) -> tuple[Array, Array]:
+    """Global mean value and gradient of the block's ``(b,)`` values and ``(b, n)`` gradients,
+    in one all-reduce (the value rides along with the gradient)."""
+    packed = jnp.concatenate([grads, vals[:, None].astype(grads.dtype)], axis=1)
+    mean = _all_sum(packed, axis_name) / n_sub
+    return mean[-1], mean[:-1]
+
+
+def _summed_step(loc: LocalResult, axis_name: AxisName | None) -> tuple[Array, Array]:
+    r""":math:`\tilde s = \sum_i s_i` and the predicted decrease :math:`\sum_i (f_i(\theta_k) -
+    f_i(\theta_k + s_i))` (eq. 6's denominator: a sum, not a mean), in one all-reduce."""
+    packed = jnp.concatenate([loc.step, loc.decrease[:, None].astype(loc.step.dtype)], axis=1)
+    summed = _all_sum(packed, axis_name)
+    return summed[:-1], summed[-1]
+
+
+def _local_phases(
+    shard_value_and_grad: Callable[[Array, Any], tuple[Array, Array]],
+    data_block: Any,
+    shard: Callable[[int], Any],
+    state: OuterState,
+    cap: Array,
+    **options: Any,
+) -> LocalResult:
+    """Step 2: the block's local phases, vmapped over the block (no communication)."""
+
+    def one_local(lv: Array, lg: Array, mem: Any, sh: Any) -> LocalResult:
+        return local_phase(
+            lambda x: shard_value_and_grad(x, sh), state.params, lv, lg, state.grad, cap, mem,
+            **options,
+        )
+
+    if state.local_value.shape[0] == 1:
+        mem0 = None if state.local_memory is None else jax.tree.map(
+            lambda a: a[0], state.local_memory)
+        loc = one_local(state.local_value[0], state.local_grad[0], mem0, shard(0))
+        return jax.tree.map(lambda a: a[None], loc)
+    return jax.vmap(one_local)(state.local_value, state.local_grad, state.local_memory, data_block)
+
+
 def outer_step(
     shard_value_and_grad: Callable[[Array, Any], tuple[Array, Array]],
     data_block: Any,
-    params: Array,
-    value: Array,
-    grad: Array,
-    local_value: Array,
-    local_grad: Array,
-    radius: Array,
-    local_memory: Any,
-    global_memory: Any,
+    state: OuterState,
     *,
     axis_name: AxisName | None,
     num_subdomains: int,
@@ -322,7 +407,7 @@ def outer_step(
     model: str = "sr1",
     config: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     skip_tol: float = 1e-8,
-) -> OuterResult:
+) -> tuple[OuterState, OuterInfo]:
     """One APTS outer iteration (Algorithm 1, steps 2–5) for a block of ``b`` subdomains.
 
     Args:
@@ -333,22 +418,20 @@ def outer_step(
       data_block: pytree whose leaves have a leading axis ``b``, the shards of this instance's
         subdomains (``shard`` is one slice of it); None when ``b = 1`` and the function needs no
         data argument (then ``shard`` is None).
-      params: :math:`\\theta_k`, shape ``(n,)``, replicated.
-      value, grad: global :math:`f(\\theta_k)`, :math:`\\nabla f(\\theta_k)` (replicated).
-      local_value, local_grad: ``(b,)`` and ``(b, n)`` local values/gradients at :math:`\\theta_k`.
-      radius: :math:`\\Delta_k`.
-      local_memory: L-SR1 memories with leading axis ``b`` (None for the first-order model).
-      global_memory: the global L-SR1 memory (None for the first-order model).
+      state: :class:`OuterState` at :math:`\\theta_k`.
       axis_name: the named axis (or tuple) across program instances; None for a single instance.
       num_subdomains: ``N`` = ``b`` times the number of program instances.
       local_steps: :math:`\\nu`.
       model: ``"sr1"`` or ``"first_order"`` (local and global).
       config: radius constants (:class:`apts_jax.radius.RadiusConfig`).
       skip_tol: SR1 skip-rule tolerance.
+
+    Returns:
+      ``(state, info)``: the :class:`OuterState` at :math:`\\theta_{k+1}` and an
+      :class:`OuterInfo`.
     """
     n_sub = float(num_subdomains)
-    cap = radius / n_sub
-    b = local_value.shape[0]
+    b = state.local_value.shape[0]
     if data_block is None and b != 1:
         raise ValueError(f"outer_step: data_block is None but the block has {b} subdomains.")
 
@@ -363,77 +446,59 @@ def outer_step(
             return v[None], g[None]
         return jax.vmap(lambda sh: shard_value_and_grad(xv, sh))(data_block)
 
-    # Step 2: local phases, vmapped over the block (no communication).
-    def one_local(lv: Array, lg: Array, mem: Any, sh: Any) -> LocalResult:
-        return local_phase(
-            lambda x: shard_value_and_grad(x, sh), params, lv, lg, grad, cap, mem,
-            local_steps=local_steps, model=model, config=config, skip_tol=skip_tol,
-        )
+    # Step 2: local phases inside the ball of radius Delta_k / N.
+    loc = _local_phases(
+        shard_value_and_grad, data_block, shard, state, state.radius / n_sub,
+        local_steps=local_steps, model=model, config=config, skip_tol=skip_tol,
+    )
+    # Step 3: s~ = sum_i s_i and the predicted decrease.
+    step, predicted = _summed_step(loc, axis_name)
 
-    if b == 1:
-        mem0 = None if local_memory is None else jax.tree.map(lambda a: a[0], local_memory)
-        loc = one_local(local_value[0], local_grad[0], mem0, shard(0))
-        loc = jax.tree.map(lambda a: a[None], loc)
-    else:
-        loc = jax.vmap(one_local)(local_value, local_grad, local_memory, data_block)
-
-    # Step 3: s~ = sum_i s_i and the predicted decrease, in one all-reduce.
-    packed = jnp.concatenate([loc.step, loc.decrease[:, None].astype(loc.step.dtype)], axis=1)
-    summed = _all_sum(packed, axis_name)
-    step, predicted = summed[:-1], summed[-1]
-    step_norm = jnp.linalg.norm(step)
-
-    # Step 4: f(theta_k + s~) (with its gradient, reused if accepted) in one all-reduce.
-    trial = params + step
+    # Step 4: f(theta_k + s~) (with its gradient, reused if accepted) and the ratio test.
+    trial = state.params + step
     t_vals, t_grads = block_value_and_grad(trial)
-    packed = jnp.concatenate([t_grads, t_vals[:, None].astype(t_grads.dtype)], axis=1)
-    t_mean = _all_sum(packed, axis_name) / n_sub
-    t_grad, t_value = t_mean[:-1], t_mean[-1]
-    finite = jnp.isfinite(t_value) & jnp.all(jnp.isfinite(t_grad))
-    actual = value - t_value
-    rho = radius_lib.ratio(actual, predicted)
-    rho = jnp.where(finite, rho, -jnp.inf).astype(params.dtype)
-    accepted = rho >= config.eta1
-    # eq. 7 grows on rho > eta2 alone: pass the radius as the step norm (the boundary test holds).
-    radius_tilde = radius_lib.update_radius(radius, rho, radius, config)
-
-    sel = lambda a, b_: jnp.where(accepted, a, b_)  # noqa: E731
-    theta_t = sel(trial, params)
-    value_t, grad_t = sel(t_value, value), sel(t_grad, grad)
-    lval_t, lgrad_t = sel(t_vals, local_value), sel(t_grads, local_grad)
+    t_value, t_grad = _reduce_mean(t_vals, t_grads, axis_name, n_sub)
+    actual = state.value - t_value
+    test = ratio_test(
+        actual, predicted, jnp.isfinite(t_value) & jnp.all(jnp.isfinite(t_grad)), state.radius,
+        config,
+    )
+    accepted = test.accepted
+    theta_t, value_t, grad_t, lval_t, lgrad_t = optax.tree.where(
+        accepted,
+        (trial, t_value, t_grad, t_vals, t_grads),
+        (state.params, state.value, state.grad, state.local_value, state.local_grad),
+    )
 
     # Step 5: one global TR iteration; the local values/gradients ride along as aux.
     def global_vg(x: Array) -> tuple[tuple[Array, tuple[Array, Array]], Array]:
         vals, grads = block_value_and_grad(x)
-        packed = jnp.concatenate([grads, vals[:, None].astype(grads.dtype)], axis=1)
-        mean = _all_sum(packed, axis_name) / n_sub
-        return (mean[-1], (vals, grads)), mean[:-1]
+        value, grad = _reduce_mean(vals, grads, axis_name, n_sub)
+        return (value, (vals, grads)), grad
 
     res = iteration(
-        global_vg, theta_t, value_t, grad_t, radius_tilde, global_memory,
+        global_vg, theta_t, value_t, grad_t, test.radius, state.global_memory,
         model=model, config=config, skip_tol=skip_tol, has_aux=True, aux=(lval_t, lgrad_t),
     )
     new_lval, new_lgrad = res.aux
-    return OuterResult(
-        params=res.params,
-        value=res.value,
-        grad=res.grad,
-        local_value=new_lval,
-        local_grad=new_lgrad,
-        radius=res.radius,
-        local_memory=loc.memory,
+    new_state = OuterState(
+        params=res.params, value=res.value, grad=res.grad, local_value=new_lval,
+        local_grad=new_lgrad, radius=res.radius, local_memory=loc.memory,
         global_memory=res.memory,
-        ratio=rho,
+    )
+    info = OuterInfo(
+        ratio=test.ratio,
         accepted=accepted,
         predicted_decrease=predicted,
         actual_decrease=actual,
-        step_norm=step_norm,
+        step_norm=jnp.linalg.norm(step),
         global_ratio=res.ratio,
         global_accepted=res.accepted,
         local_iterations=loc.iterations,
         local_accepted=loc.accepted,
         evaluations=loc.iterations + 2,
     )
+    return new_state, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,12 +562,37 @@ class APTSState(NamedTuple):
     info: APTSInfo
 
 
-def _check_local_steps(local_steps: Any) -> int:
-    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
-        raise ValueError(
-            f"local_steps (nu) must be an integer >= 1, got {local_steps!r}; the paper uses 5."
-        )
-    return local_steps
+#: Fields of :class:`APTSState` / :class:`APTSInfo` that differ between subdomains.
+LOCAL_STATE_FIELDS = ("value", "grad", "local_memory")
+LOCAL_INFO_FIELDS = ("local_iterations", "num_fun_evals")
+
+
+def apts_state_specs(state: APTSState, axis_name: AxisName) -> APTSState:
+    """``PartitionSpec`` of every leaf of an :class:`APTSState` for ``jax.shard_map``.
+
+    Per-subdomain leaves get ``P(axis_name)`` (stored outside ``shard_map`` with a leading axis of
+    size ``N``): ``value``, ``grad``, ``local_memory``, ``info.local_iterations`` and
+    ``info.num_fun_evals``; all others ``P()`` (replicated). Inside the mapped function squeeze
+    the per-subdomain leaves (``a[0]``) before ``update`` and expand them (``a[None]``) after it.
+
+    The simpler layout also works: the whole state stacked along the subdomain axis
+    (``P(axis_name)`` for every leaf, e.g. ``jax.vmap(opt.init)`` of stacked params, and
+    ``jax.tree.map(lambda a: a[0], state)`` inside) — it stores the replicated fields ``N``
+    times and, with ``check_vma=True``, costs one more all-reduce per update (see :func:`apts`).
+    """
+    if not isinstance(state, APTSState):
+        raise TypeError(f"apts_state_specs: expected an APTSState, got {type(state).__name__}.")
+    spec_local = jax.sharding.PartitionSpec(axis_name)
+    spec_rep = jax.sharding.PartitionSpec()
+
+    def specs(sub: Any, local: bool) -> Any:
+        return jax.tree.map(lambda _: spec_local if local else spec_rep, sub)
+
+    fields = {f: specs(getattr(state, f), f in LOCAL_STATE_FIELDS)
+              for f in APTSState._fields if f != "info"}
+    info = APTSInfo(**{f: specs(getattr(state.info, f), f in LOCAL_INFO_FIELDS)
+                       for f in APTSInfo._fields})
+    return APTSState(**fields, info=info)
 
 
 def _check_axis_bound(axis_name: AxisName) -> None:
@@ -518,20 +608,36 @@ def _check_axis_bound(axis_name: AxisName) -> None:
             ) from err
 
 
+def _check_state(state: Any, spec: _tree.FlatSpec) -> None:
+    if not isinstance(state, APTSState):
+        raise TypeError(f"apts: state must be an APTSState from init, got {type(state)}.")
+    if jnp.ndim(state.radius) != 0:
+        raise ValueError(
+            f"apts: state.radius has shape {jnp.shape(state.radius)}, expected a scalar: the "
+            "state still carries the subdomain axis. Inside jax.shard_map every instance holds "
+            "a block of one subdomain; squeeze it before update and restore it after: "
+            "state = jax.tree.map(lambda a: a[0], state); ...; jax.tree.map(lambda a: a[None], "
+            "new_state) (or use apts_jax.apts_state_specs(state, axis_name) for per-field specs)."
+        )
+    _tree.check_same_structure(spec, state.grad, "state.grad")
+
+
 def apts(
     axis_name: AxisName,
     local_steps: int = 5,
     model: str = "sr1",
     memory_size: int = 5,
     *,
-    initial_radius: float = _D.initial_radius,
-    min_radius: float = _D.min_radius,
-    max_radius: float = _D.max_radius,
-    eta1: float = _D.eta1,
-    eta2: float = _D.eta2,
-    shrink: float = _D.shrink,
-    grow: float = _D.grow,
-    boundary_fraction: float = _D.boundary_fraction,
+    reuse_value_and_grad: bool = False,
+    radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
+    initial_radius: float | None = None,
+    min_radius: float | None = None,
+    max_radius: float | None = None,
+    eta1: float | None = None,
+    eta2: float | None = None,
+    shrink: float | None = None,
+    grow: float | None = None,
+    boundary_fraction: float | None = None,
     skip_tol: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APTS (the paper's Algorithm 1) as an optax transformation, one subdomain per mapped instance.
@@ -540,21 +646,41 @@ def apts(
     (``jax.shard_map`` over a mesh axis, ``jax.pmap``, or ``jax.vmap(..., axis_name=...)``; a tuple
     of names spreads subdomains over several axes), each instance passing its *local* quantities:
     ``update(updates, state, params, *, value, grad, value_fn, **extra_args)`` with ``value``,
-    ``grad`` the local loss and gradient at ``params`` on this subdomain's shard and
-    ``value_fn(params, **kw)`` the local loss (it receives the ``extra_args`` its signature names).
-    ``params`` must be replicated (identical on every instance). The returned updates are
+    ``grad`` the local loss and gradient at ``params`` on this subdomain's data and
+    ``value_fn(params, **kw)`` the local loss on the same data (it receives the ``extra_args`` its
+    signature names; any other extra argument raises ``TypeError``, as in optax). ``params`` must
+    be replicated (identical on every instance). The returned updates are
     :math:`\theta_{k+1} - \theta_k`, identical on every instance.
 
-    ``value`` and ``grad`` are read at the first update only; afterwards the state's local value and
-    gradient (computed at the accepted points) are used, so three gradient-sized all-reduces per
-    update remain (plus one at the first). For minibatch training (SAPTS), where the data changes
-    between updates, use ``fresh_step`` of :func:`apts_jax.parallel.make_apts` (or pass
-    ``fresh_data=True`` as an extra argument to make the update re-reduce the given local
-    ``value``/``grad``).
+    Data. By default every update uses the ``value``/``grad`` it is passed: they are reduced to
+    the global :math:`f`, :math:`\nabla f` (one all-reduce more, four gradient-sized all-reduces
+    per update), so :math:`r_i` and :math:`\rho` always come from the current batch — right for
+    minibatches (SAPTS)::
 
-    Inside ``jax.shard_map`` with ``check_vma=True``, compute the local ``grad`` from a varying copy
+        value, grad = jax.value_and_grad(loss)(apts_jax.to_varying(params, axis), batch)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad,
+                                    value_fn=functools.partial(loss, batch=batch))
+
+    For a *fixed* data set (full-batch APTS) ``reuse_value_and_grad=True`` reuses the local and
+    global values and gradients that the previous update computed at the new parameters (three
+    all-reduces per update; ``value``/``grad`` are read at the first update only and may be None
+    afterwards, like :func:`optax.value_and_grad_from_state`). With minibatches this option mixes
+    two batches: never use it there (``update(..., fresh_data=True)`` forces the re-reduction
+    for one call, e.g. after the data changed).
+
+    Layout. The state holds per-subdomain fields (``value``, ``grad``, ``local_memory``,
+    ``info.local_iterations``, ``info.num_fun_evals``) and replicated ones (see
+    :func:`apts_state_specs`). Under ``pmap``/``vmap`` stack it with ``jax.vmap(opt.init)``. Under
+    ``jax.shard_map`` either stack the whole state along the subdomain axis (``P(axis)`` for every
+    leaf) or use the per-field specs of :func:`apts_state_specs`; each instance then holds a
+    block of one subdomain, squeezed with ``a[0]`` before ``update`` and restored with
+    ``a[None]`` after it (a state that still carries that axis is rejected with an error saying
+    so). The stacked layout stores the replicated fields ``N`` times and, with
+    ``check_vma=True``, types them as varying: the update then spends one more gradient-sized
+    all-reduce (an exact max of equal values) to return replicated updates. With
+    ``check_vma=True`` compute the local ``grad`` from a varying copy
     of the parameters (:func:`to_varying`) — ``jax.grad`` of a replicated input returns the *sum*
-    over devices. A replicated ``grad`` is rejected with an error saying so. Collectives over a
+    over devices; a replicated ``grad`` is rejected with an error saying so. Collectives over a
     ``vmap`` axis name inside ``shard_map`` require ``check_vma=False`` (a JAX limitation); the
     layout helpers in :mod:`apts_jax.parallel` avoid them by reducing blocks of subdomains locally.
 
@@ -563,15 +689,22 @@ def apts(
       local_steps: :math:`\nu`, maximum local TR iterations per outer iteration (default 5).
       model: ``"sr1"`` (L-SR1/OBS, local and global) or ``"first_order"``.
       memory_size: L-SR1 pairs kept, locally and globally (default 5).
+      reuse_value_and_grad: full-batch only: reuse the values/gradients of the previous update
+        (see above). Default False.
+      radius: radius constants (:class:`apts_jax.radius.RadiusConfig`), used globally and
+        locally.
       initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction:
-        radius constants (:class:`apts_jax.radius.RadiusConfig`), used globally and locally.
+        convenience keywords replacing single fields of ``radius``.
       skip_tol: SR1 skip-rule tolerance.
     """
-    _check_local_steps(local_steps)
-    validate_model(model, memory_size)
-    config = make_config(
-        initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction
+    _validate.local_steps(local_steps)
+    _validate.model(model, memory_size)
+    config = _validate.radius_config(
+        radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
+        eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
     )
+    skip_tol = _validate.skip_tol(skip_tol)
+    reuse = bool(reuse_value_and_grad)
 
     def init_fn(params: Any) -> APTSState:
         spec = _tree.flat_spec(params)
@@ -623,12 +756,11 @@ def apts(
                 "apts: update needs value_fn=... (the local loss of this subdomain as a function "
                 "of the parameters), as optax's line-search transformations do."
             )
-        if not isinstance(state, APTSState):
-            raise TypeError(f"apts: state must be an APTSState from init, got {type(state)}.")
-        _check_axis_bound(axis_name)
         spec = _tree.flat_spec(params)
+        _check_state(state, spec)
+        _check_axis_bound(axis_name)
         _tree.check_same_structure(spec, updates, "updates")
-        fn_kwargs, _ = _split_kwargs(value_fn, extra_args)
+        fn_kwargs = _validate.split_kwargs(value_fn, extra_args, "apts.update")
         n_inst = _num_instances(axis_name)
         x = _tree.ravel(spec, params)
 
@@ -667,36 +799,45 @@ def apts(
             lg = to_varying(_tree.ravel(spec, state.grad), axis_name)
             return lv, lg, state.global_value, state.global_grad
 
-        if fresh_data:
-            lv, lg, gv, gg = fresh()
+        if reuse and not fresh_data:
+            # Both branches must have one type: a state stacked along a shard_map axis makes the
+            # stored global values varying there, while the freshly reduced ones are not.
+            def fresh_like_stored() -> tuple[Array, Array, Array, Array]:
+                lv, lg, gv, gg = fresh()
+                return (*match_vma((lv, lg), state.value, state.grad),
+                        *match_vma((gv, gg), state.global_value, state.global_grad))
+
+            lv, lg, gv, gg = jax.lax.cond(state.count == 0, fresh_like_stored, stored)
         else:
-            lv, lg, gv, gg = jax.lax.cond(state.count == 0, fresh, stored)
+            lv, lg, gv, gg = fresh()
 
         local_memory = (
             None if state.local_memory is None
             else jax.tree.map(lambda a: a[None], to_varying(state.local_memory, axis_name))
         )
-        out = outer_step(
-            shard_vg, None, x, gv, gg, lv[None], lg[None], state.radius, local_memory,
-            state.global_memory,
+        outer = OuterState(
+            params=x, value=gv, grad=gg, local_value=lv[None], local_grad=lg[None],
+            radius=state.radius, local_memory=local_memory, global_memory=state.global_memory,
+        )
+        out, oinfo = outer_step(
+            shard_vg, None, outer,
             axis_name=axis_name, num_subdomains=n_inst, local_steps=local_steps, model=model,
             config=config, skip_tol=skip_tol,
         )
-        new_x = out.params
         info = APTSInfo(
-            ratio=out.ratio,
-            accepted=out.accepted,
-            num_accepted=state.info.num_accepted + out.accepted.astype(jnp.int32),
-            num_rejected=state.info.num_rejected + (~out.accepted).astype(jnp.int32),
-            global_ratio=out.global_ratio,
+            ratio=oinfo.ratio,
+            accepted=oinfo.accepted,
+            num_accepted=state.info.num_accepted + oinfo.accepted.astype(jnp.int32),
+            num_rejected=state.info.num_rejected + (~oinfo.accepted).astype(jnp.int32),
+            global_ratio=oinfo.global_ratio,
             num_global_accepted=state.info.num_global_accepted
-            + out.global_accepted.astype(jnp.int32),
+            + oinfo.global_accepted.astype(jnp.int32),
             radius=out.radius,
-            step_norm=out.step_norm,
-            predicted_decrease=out.predicted_decrease,
-            actual_decrease=out.actual_decrease,
-            local_iterations=out.local_iterations[0],
-            num_fun_evals=state.info.num_fun_evals + out.evaluations[0],
+            step_norm=oinfo.step_norm,
+            predicted_decrease=oinfo.predicted_decrease,
+            actual_decrease=oinfo.actual_decrease,
+            local_iterations=oinfo.local_iterations[0],
+            num_fun_evals=state.info.num_fun_evals + oinfo.evaluations[0],
         )
         new_state = APTSState(
             count=state.count + 1,
@@ -710,7 +851,16 @@ def apts(
             global_memory=out.global_memory,
             info=info,
         )
-        return _tree.unravel(spec, new_x - x), new_state
+        delta = out.params - x
+        # A state stacked along a checked shard_map axis types its replicated fields (radius,
+        # global memory) as varying, and the step with them, although every instance holds the
+        # same values. One all-reduce (a max of equal values: exact) makes the step replicated
+        # again; the per-field specs of apts_state_specs avoid it.
+        stacked = tuple(sorted(
+            set().union(*(varying_axes(a) for a in (state.radius, state.count))) & _vma_checked_axes(
+                axis_name), key=str))
+        if stacked:
+            delta = jax.lax.pmax(delta, stacked)
+        return _tree.unravel(spec, delta), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-

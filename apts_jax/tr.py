@@ -29,11 +29,12 @@ One iteration, from :math:`x_k` with :math:`f_k = f(x_k)`, :math:`g_k = \nabla f
 
 :func:`iteration` is the pure flat-vector iteration (reused by APTS); :func:`trust_region` wraps
 it as an :class:`optax.GradientTransformationExtraArgs` following the optax line-search contract.
+The factory is also ``apts_jax.trust_region``; this module was ``apts_jax.trust_region`` before
+(``from apts_jax.trust_region import ...`` still works through an alias).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -43,11 +44,13 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
-from apts_jax import _tree, lsr1
+from apts_jax import _tree, _validate, lsr1
 from apts_jax import radius as radius_lib
+from apts_jax._tree import cast_like as _cast_like
+from apts_jax._tree import strong as _strong
 from apts_jax.lsr1 import LSR1Memory
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
-from apts_jax.tr_model import MODELS, compute_step
+from apts_jax.tr_model import compute_step
 
 __all__ = [
     "IterationResult",
@@ -56,62 +59,9 @@ __all__ = [
     "init_memory",
     "init_state",
     "iteration",
-    "make_config",
     "next_state",
     "trust_region",
-    "validate_model",
 ]
-
-_D = DEFAULT_RADIUS_CONFIG
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation helpers (pure Python, run at factory / call time)
-# ----------------------------------------------------------------------------------------------
-
-
-def validate_model(model: str, memory_size: int) -> None:
-    """Check the model name and the memory size; raise ``ValueError``/``TypeError`` otherwise."""
-    if not isinstance(model, str) or model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; use model='sr1' or model='first_order'.")
-    if isinstance(memory_size, bool) or not isinstance(memory_size, int):
-        raise TypeError(
-            f"memory_size must be a Python int >= 1, got {memory_size!r} "
-            f"({type(memory_size).__name__})."
-        )
-    if memory_size < 1:
-        raise ValueError(
-            f"memory_size={memory_size} must be >= 1 (the number of stored SR1 pairs); "
-            "the default is 5."
-        )
-
-
-def make_config(
-    initial_radius: float = _D.initial_radius,
-    min_radius: float = _D.min_radius,
-    max_radius: float = _D.max_radius,
-    eta1: float = _D.eta1,
-    eta2: float = _D.eta2,
-    shrink: float = _D.shrink,
-    grow: float = _D.grow,
-    boundary_fraction: float = _D.boundary_fraction,
-) -> RadiusConfig:
-    """Build and validate a :class:`apts_jax.radius.RadiusConfig` (ValueError on bad values)."""
-    return radius_lib.validate_config(
-        RadiusConfig(
-            initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction
-        )
-    )
-
-
-def _validate_skip_tol(skip_tol: float) -> float:
-    try:
-        value = float(skip_tol)
-    except Exception as err:
-        raise TypeError(f"skip_tol must be a real number, got {skip_tol!r}.") from err
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"skip_tol={skip_tol!r} must be finite and >= 0; the default is 1e-8.")
-    return value
 
 
 def init_memory(model: str, n: int, memory_size: int, dtype: Any) -> LSR1Memory | None:
@@ -120,20 +70,6 @@ def init_memory(model: str, n: int, memory_size: int, dtype: Any) -> LSR1Memory 
         return None
     memory = lsr1.init(n, memory_size, dtype=dtype)
     return jax.tree.map(_strong, memory)
-
-
-def _strong(x: Any) -> Array:
-    """``x`` as an array with the same dtype and ``weak_type=False`` (stable jit signatures)."""
-    x = jnp.asarray(x)
-    return jax.lax.convert_element_type(x, x.dtype)
-
-
-def _cast_like(x: Any, ref: Array) -> Array:
-    return jax.lax.convert_element_type(jnp.asarray(x), jnp.asarray(ref).dtype)
-
-
-def _select(pred: Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +206,7 @@ def iteration(
         pair_stored = jnp.zeros((), bool)
 
     zero = jnp.zeros_like(params)
-    new_aux = _select(accepted, trial_aux, aux) if has_aux else None
+    new_aux = optax.tree.where(accepted, trial_aux, aux) if has_aux else None
     return IterationResult(
         params=jnp.where(accepted, trial, params),
         value=jnp.where(accepted, trial_value, value),
@@ -412,35 +348,6 @@ def next_state(
     return jax.tree.map(_cast_like, new_state, state)
 
 
-def _split_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[dict, dict]:
-    """Split ``kwargs`` into those ``fn`` accepts by keyword and the rest.
-
-    Like optax's line searches, a keyword is passed iff ``fn``'s signature names it; a function
-    with ``**kwargs`` receives everything. The first positional parameter (the params) is never
-    filled from ``kwargs``.
-    """
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: pass everything
-        return dict(kwargs), {}
-    params = list(sig.parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(kwargs), {}
-    positional = [
-        p for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    first = positional[0].name if positional else None
-    names = {
-        p.name for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        and p.name != first
-    }
-    used = {k: v for k, v in kwargs.items() if k in names}
-    rest = {k: v for k, v in kwargs.items() if k not in names}
-    return used, rest
-
-
 def _check_state(state: Any, spec: _tree.FlatSpec, model: str) -> None:
     if not isinstance(state, TrustRegionState):
         raise TypeError(
@@ -461,14 +368,15 @@ def trust_region(
     model: str = "sr1",
     memory_size: int = 5,
     *,
-    initial_radius: float = _D.initial_radius,
-    min_radius: float = _D.min_radius,
-    max_radius: float = _D.max_radius,
-    eta1: float = _D.eta1,
-    eta2: float = _D.eta2,
-    shrink: float = _D.shrink,
-    grow: float = _D.grow,
-    boundary_fraction: float = _D.boundary_fraction,
+    radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
+    initial_radius: float | None = None,
+    min_radius: float | None = None,
+    max_radius: float | None = None,
+    eta1: float | None = None,
+    eta2: float | None = None,
+    shrink: float | None = None,
+    grow: float | None = None,
+    boundary_fraction: float | None = None,
     skip_tol: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Trust-region optimizer (L-SR1/OBS or first-order model) as an optax transformation.
@@ -487,8 +395,11 @@ def trust_region(
     line-search contract (:func:`optax.scale_by_zoom_linesearch`):
 
     * ``value``, ``grad``: :math:`f` and :math:`\nabla f` at ``params`` (if either is None, both
-      are computed with ``jax.value_and_grad(value_fn)``, costing one more evaluation). Use
-      :func:`optax.value_and_grad_from_state` to reuse the ones stored in the state.
+      are computed with ``jax.value_and_grad(value_fn)``, costing one more evaluation). They
+      must be computed on the *same data* as ``value_fn`` uses in this update. For a
+      deterministic (full-batch) objective :func:`optax.value_and_grad_from_state` may reuse the
+      ones stored in the state (see the example); **never with minibatches**: the stored values
+      belong to the previous batch, and :math:`\rho` would compare losses of two batches.
     * ``value_fn(params, **kw)``: the scalar objective; the trial gradient is obtained with
       ``jax.value_and_grad(value_fn)``. ``kw`` are the ``extra_args`` that ``value_fn``'s
       signature names (all of them if it has ``**kwargs``); any other extra argument raises
@@ -509,15 +420,12 @@ def trust_region(
     Args:
       model: ``"sr1"`` (L-SR1 quadratic model, OBS subproblem solver) or ``"first_order"``.
       memory_size: number of SR1 pairs kept (``>= 1``; also validated for ``"first_order"``).
-      initial_radius: Δ0 (default 0.1).
-      min_radius: Δmin (default 1e-8).
-      max_radius: Δmax (default 10).
-      eta1: acceptance/shrink threshold η1 (default 0.1).
-      eta2: growth threshold η2 (default 0.75).
-      shrink: shrink factor α (default 0.5).
-      grow: growth factor β (default 2).
-      boundary_fraction: a step is on the boundary iff ``||s|| >= boundary_fraction * Δ``
-        (default 0.9).
+      radius: the radius constants (:class:`apts_jax.radius.RadiusConfig`; default
+        :data:`~apts_jax.radius.DEFAULT_RADIUS_CONFIG`).
+      initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction:
+        convenience keywords replacing single fields of ``radius`` (Δ0 = 0.1, Δmin = 1e-8,
+        Δmax = 10, η1 = 0.1, η2 = 0.75, α = 0.5, β = 2, boundary test ``||s|| >= 0.9 Δ`` by
+        default); giving a field both here and, differently, in ``radius`` raises.
       skip_tol: SR1 skip-rule tolerance r (default 1e-8, Nocedal & Wright eq. 6.26).
 
     Returns:
@@ -528,24 +436,28 @@ def trust_region(
         radius constants; at ``init``/``update``, for non-floating parameters, mismatched
         shapes (naming the leaf), a foreign state, or a missing ``value_fn``.
 
-    Example:
+    Example (full batch: a deterministic objective, so reusing the state's value and gradient
+    is exact; with minibatches compute ``value, grad = jax.value_and_grad(loss)(params, batch)``
+    and pass ``value_fn=functools.partial(loss, batch=batch)`` at every update instead):
+
       >>> import jax, jax.numpy as jnp, optax
       >>> from apts_jax import trust_region
       >>> fn = lambda x: jnp.sum((x - 1.0) ** 2)
       >>> opt = trust_region()
       >>> params = jnp.zeros(3)
       >>> state = opt.init(params)
-      >>> vg = optax.value_and_grad_from_state(fn)
+      >>> vg = optax.value_and_grad_from_state(fn)  # full batch only
       >>> for _ in range(20):
       ...   value, grad = vg(params, state=state)
       ...   updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=fn)
       ...   params = optax.apply_updates(params, updates)
     """
-    validate_model(model, memory_size)
-    config = make_config(
-        initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction
+    _validate.model(model, memory_size)
+    config = _validate.radius_config(
+        radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
+        eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
     )
-    skip_tol = _validate_skip_tol(skip_tol)
+    skip_tol = _validate.skip_tol(skip_tol)
 
     def init_fn(params: Any) -> TrustRegionState:
         spec = _tree.flat_spec(params)
@@ -580,13 +492,7 @@ def trust_region(
                 raise ValueError(f"value must be a scalar, got shape {jnp.shape(value)}.")
             value = jnp.reshape(value, ())
         _check_state(state, spec, model)
-        fn_kwargs, rest = _split_kwargs(value_fn, extra_args)
-        if rest:
-            raise TypeError(
-                "Unexpected keyword arguments passed to trust_region.update: "
-                f"{sorted(rest)} are not accepted by value_fn. Add them to value_fn's "
-                "signature or stop passing them."
-            )
+        fn_kwargs = _validate.split_kwargs(value_fn, extra_args, "trust_region.update")
 
         vg = jax.value_and_grad(value_fn)
         extra_evals = 0
