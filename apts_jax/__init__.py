@@ -14,7 +14,9 @@ Public API (factories at the top level, as in optax):
   from it with ``from apts_jax.minimize import ...``);
 * :class:`RadiusConfig` / :data:`DEFAULT_RADIUS_CONFIG` — the radius constants and their defaults;
 * :func:`apts` — data-parallel APTS as an optax transformation (state :class:`APTSState`,
-  shard_map specs :func:`apts_state_specs`); module :mod:`apts_jax.apts_transform`;
+  shard_map specs :func:`apts_state_specs`; the open choices of issue 11 as
+  :class:`APTSOptions`, the paper's method as :data:`PAPER` / ``preset="paper"``); module
+  :mod:`apts_jax.apts_transform`;
 * :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, and
   full-batch APTS :func:`solve` (also ``apts_jax.solve``);
 * modules :mod:`~apts_jax.lsr1` (compact L-SR1 memory), :mod:`~apts_jax.obs` (OBS subproblem
@@ -30,7 +32,9 @@ import sys as _sys
 
 from apts_jax import apts_transform, lsr1, obs, parallel, radius, tr, tr_model
 from apts_jax.apts_transform import (
+    PAPER,
     APTSInfo,
+    APTSOptions,
     APTSState,
     apts,
     apts_state_specs,
@@ -46,7 +50,9 @@ _sys.modules.setdefault(__name__ + ".apts", apts_transform)
 _sys.modules.setdefault(__name__ + ".trust_region", tr)
 
 __all__ = [
+    "PAPER",
     "APTSInfo",
+    "APTSOptions",
     "APTSState",
     "DEFAULT_RADIUS_CONFIG",
     "MinimizeStats",

@@ -18,7 +18,9 @@ from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
 from apts_jax.tr_model import MODELS
 
 __all__ = [
+    "APTS_OPTION_CHOICES",
     "INT32_MAX",
+    "apts_options",
     "gtol",
     "local_steps",
     "model",
@@ -151,3 +153,49 @@ def split_kwargs(
             "value_fn. Add them to value_fn's signature or stop passing them."
         )
     return {k: v for k, v in kwargs.items() if k in names}
+
+
+#: Allowed values of the string fields of ``apts_jax.apts_transform.APTSOptions`` (issue 11). The
+#: first entry of each is the paper's choice.
+APTS_OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "local_boundary": ("ball", "adaptive"),
+    "combine": ("sum", "mean"),
+    "acceptance": ("monotone", "nonmonotone"),
+    "norm": ("l2",),
+    "curvature_pairs": ("same_batch",),
+}
+
+#: Options named in issue 11 that are not implemented yet (a clear error instead of "unknown").
+_NOT_IMPLEMENTED = {"norm": ("adaptive",), "curvature_pairs": ("multi_batch",)}
+
+
+def apts_options(options: Any) -> Any:
+    """Check an ``APTSOptions`` (duck-typed NamedTuple) and return it with normalised fields.
+
+    String fields must be one of :data:`APTS_OPTION_CHOICES`; ``nonmonotone_window`` must be a
+    Python int >= 1.
+    """
+    fields = getattr(options, "_fields", None)
+    if fields is None:
+        raise TypeError(
+            f"options must be an apts_jax.APTSOptions, got {type(options).__name__}; e.g. "
+            "options=apts_jax.APTSOptions(combine='mean') or preset='paper'."
+        )
+    for name, allowed in APTS_OPTION_CHOICES.items():
+        value = getattr(options, name)
+        if isinstance(value, str) and value in _NOT_IMPLEMENTED.get(name, ()):
+            raise ValueError(
+                f"{name}={value!r} is not implemented yet (issue 11); use {name}={allowed[0]!r}."
+            )
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(
+                f"unknown {name} {value!r}; use one of {list(allowed)} ({name}={allowed[0]!r} is "
+                "the paper's method)."
+            )
+    window = options.nonmonotone_window
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 10_000:
+        raise ValueError(
+            f"nonmonotone_window={window!r} must be an integer in [1, 10000] (the number of "
+            "last accepted values the non-monotone test compares against); e.g. 5."
+        )
+    return options

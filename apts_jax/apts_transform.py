@@ -39,6 +39,17 @@ shard.
 
 The decisions (acceptance, radii) use reduced, replicated quantities, so all subdomains agree.
 
+Options (issue 11). The choices that the paper's text leaves open are fields of
+:class:`APTSOptions` (keywords of :func:`apts`, :func:`apts_jax.parallel.make_apts` and
+:func:`apts_jax.parallel.solve`): ``local_boundary`` (``"ball"`` as above, or ``"adaptive"``: the
+local radius starts at :math:`\Delta_k/N` and adapts up to :math:`\Delta_{\max}/N`, so eq. 5's
+bound :math:`\|\tilde s\| \le \Delta_k` no longer holds and the ratio test alone guards the
+step), ``combine`` (``"sum"`` as above, or ``"mean"``: :math:`\tilde s` and the predicted
+decrease are means, the local radius is :math:`\Delta_k`) and ``acceptance`` (``"monotone"`` as
+above, or ``"nonmonotone"``: eq. 6's actual decrease from the maximum of the last ``W`` accepted
+values). :data:`PAPER` (``preset="paper"``) is the method described above, exactly; it is also
+today's default (:data:`DEFAULT_OPTIONS`).
+
 Layout. The core, :func:`outer_step`, maps an :class:`OuterState` to the next one through named
 steps (local phases, summed step, :func:`ratio_test` for eq. 6–7, global iteration) and works on
 a *block* of ``b`` subdomains held by one program instance (a leading axis of size ``b`` on
@@ -69,7 +80,10 @@ from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
 from apts_jax.tr import init_memory, iteration
 
 __all__ = [
+    "PAPER",
+    "PRESETS",
     "APTSInfo",
+    "APTSOptions",
     "APTSState",
     "LocalResult",
     "OuterInfo",
@@ -77,13 +91,109 @@ __all__ = [
     "RatioTest",
     "apts",
     "apts_state_specs",
+    "init_window",
     "local_phase",
     "outer_step",
     "ratio_test",
+    "resolve_options",
     "to_varying",
 ]
 
 AxisName = Any  # a hashable axis name or a tuple of them
+
+
+# ----------------------------------------------------------------------------------------------
+# Options (issue 11: the choices the paper's text leaves open)
+# ----------------------------------------------------------------------------------------------
+
+
+class APTSOptions(NamedTuple):
+    r"""The open choices of APTS (issue 11), one frozen record; the defaults are :data:`PAPER`.
+
+    Attributes:
+      local_boundary: ``"ball"`` (paper): every local phase stays in the ball of radius
+        :math:`\Delta_k/N` (its radius is capped by what is left of it) and stops when
+        :math:`\|s_i\|` reaches it, so :math:`\|\tilde s\| \le \Delta_k` (eq. 5).
+        ``"adaptive"`` (the authors' code): the local TR starts at :math:`\Delta_k/N`, adapts its
+        own radius up to :math:`\bar\Delta/N` (:math:`\bar\Delta` = ``max_radius``), runs its
+        :math:`\nu` steps and stops early only when :math:`\|s_i\|` reaches
+        :math:`\bar\Delta/N`. **Eq. 5's bound** :math:`\|\tilde s\| \le \Delta_k` **no
+        longer holds** (only :math:`\|\tilde s\| \le \bar\Delta`); the ratio test of the
+        combined step is its only guard.
+      combine: ``"sum"`` (paper): :math:`\tilde s = \sum_i s_i`, local radius
+        :math:`\Delta_k/N`, predicted decrease :math:`\sum_i (f_i(\theta_k) - f_i(\theta_k +
+        s_i))`. ``"mean"``: :math:`\tilde s = \frac1N\sum_i s_i`, local radius
+        :math:`\Delta_k` (the combined step stays in the ball, the local steps are not shrunk
+        N-fold), predicted decrease the *mean* of the local decreases. Since every
+        :math:`\nabla f_i(\theta_k) = \nabla f(\theta_k)`, both predictions agree with
+        :math:`-\nabla f(\theta_k)^\top\tilde s` to first order, so :math:`\rho \to 1` as
+        :math:`\Delta \to 0` for either.
+      acceptance: ``"monotone"`` (paper): :math:`\rho = (f(\theta_k) - f(\theta_k + \tilde
+        s)) / \text{pred}`. ``"nonmonotone"``: the actual decrease is measured from the maximum
+        of the last ``nonmonotone_window`` accepted global values (the current one included),
+        :math:`\rho = (\max_{0 \le j < W} f(\theta_{k-j}') - f(\theta_k + \tilde s)) /
+        \text{pred}`, as in NAPTS (arXiv 2605.14860); it drives both acceptance and eq. 7. Only
+        the APTS step uses it; the global TR iteration (step 5) stays monotone. The state carries
+        the window (replicated); a value enters it whenever the iterate moves. With minibatches
+        (SAPTS) the window holds values of earlier batches, as in NAPTS.
+      nonmonotone_window: :math:`W \ge 1` (``W = 1`` is the monotone test). Default 5.
+      norm: ``"l2"`` (paper). (The ellipsoidal ``"adaptive"`` norm of :mod:`apts_jax.ellipsoid`
+        is not wired into APTS yet.)
+      curvature_pairs: ``"same_batch"`` (paper). (``"multi_batch"`` is not implemented yet.)
+    """
+
+    local_boundary: str = "ball"
+    combine: str = "sum"
+    acceptance: str = "monotone"
+    nonmonotone_window: int = 5
+    norm: str = "l2"
+    curvature_pairs: str = "same_batch"
+
+
+PAPER = APTSOptions()
+"""The paper's method (Algorithm 1 as written): ball local boundary, summed steps, monotone test,
+L2 norm, same-batch curvature pairs. ``preset="paper"`` pins it, whatever the default becomes."""
+
+#: Named presets accepted by ``preset=...``.
+PRESETS: dict[str, APTSOptions] = {"paper": PAPER}
+
+#: The options used when neither ``preset`` nor an option keyword is given (one place).
+DEFAULT_OPTIONS = PAPER
+
+
+def resolve_options(
+    preset: str | APTSOptions | None = None,
+    *,
+    local_boundary: str | None = None,
+    combine: str | None = None,
+    acceptance: str | None = None,
+    nonmonotone_window: int | None = None,
+    norm: str | None = None,
+    curvature_pairs: str | None = None,
+) -> APTSOptions:
+    """The validated :class:`APTSOptions`: ``preset`` (a name of :data:`PRESETS`, an
+    :class:`APTSOptions`, or None for :data:`DEFAULT_OPTIONS`) with the keywords that are not
+    None replacing its fields. Raises ``ValueError``/``TypeError`` naming the bad value."""
+    if preset is None:
+        base = DEFAULT_OPTIONS
+    elif isinstance(preset, APTSOptions):
+        base = preset
+    elif isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}.")
+        base = PRESETS[preset]
+    else:
+        raise TypeError(
+            f"preset must be a preset name {sorted(PRESETS)} or an apts_jax.APTSOptions, got "
+            f"{type(preset).__name__}."
+        )
+    given = {
+        k: v for k, v in dict(
+            local_boundary=local_boundary, combine=combine, acceptance=acceptance,
+            nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+        ).items() if v is not None
+    }
+    return _validate.apts_options(base._replace(**given))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,13 +289,16 @@ def local_phase(
     model: str,
     config: RadiusConfig,
     skip_tol: float,
+    initial_radius: Array | None = None,
 ) -> LocalResult:
     r"""At most ``local_steps`` trust-region iterations on :math:`f_i` inside the ball of radius ``cap``.
 
     :math:`f_i(x) = f(x; D_i) + \langle r_i, x - \theta_k\rangle`, :math:`\nabla f_i = \nabla f(x;
     D_i) + r_i`, :math:`r_i = g - \nabla f(\theta_k; D_i)`. The iteration ``j`` uses the radius
     :math:`\min(\Delta_{i,j}, \text{cap} - \|x_j - \theta_k\|)`, so :math:`\|s_i\| \le` ``cap``
-    holds by the triangle inequality; the local radius starts at ``cap`` and never exceeds it.
+    holds by the triangle inequality; the local radius starts at ``initial_radius`` (default
+    ``cap``: the paper's ball) and never exceeds ``cap``; the phase stops early when
+    :math:`\|s_i\|` reaches ``cap``.
     """
     r = global_grad - local_grad
 
@@ -242,7 +355,7 @@ def local_phase(
         theta,
         local_value,
         local_grad + r,
-        cap,
+        cap if initial_radius is None else jnp.minimum(initial_radius, cap),
         memory,
         jnp.zeros_like(cap),
         jnp.zeros((), jnp.int32),
@@ -276,6 +389,8 @@ class OuterState(NamedTuple):
       radius: :math:`\\Delta_k`.
       local_memory: L-SR1 memories with leading axis ``b`` (None for the first-order model).
       global_memory: the global L-SR1 memory (None for the first-order model).
+      window: ``(W,)`` the last accepted global values, oldest first, ``-inf`` where none yet
+        (``acceptance="nonmonotone"`` only; None otherwise). Replicated.
     """
 
     params: Array
@@ -286,6 +401,7 @@ class OuterState(NamedTuple):
     radius: Array
     local_memory: Any
     global_memory: Any
+    window: Any = None
 
 
 class OuterInfo(NamedTuple):
@@ -294,8 +410,11 @@ class OuterInfo(NamedTuple):
     Attributes:
       ratio: APTS ratio :math:`\\rho_k` (eq. 6), ``-inf`` for a guarded rejection.
       accepted: the APTS step :math:`\\tilde s` was accepted.
-      predicted_decrease: :math:`\\sum_i f_i(\\theta_k) - f_i(\\theta_k + s_i)`.
-      actual_decrease: :math:`f(\\theta_k) - f(\\theta_k + \\tilde s)`.
+      predicted_decrease: :math:`\\sum_i f_i(\\theta_k) - f_i(\\theta_k + s_i)` (the mean for
+        ``combine="mean"``).
+      actual_decrease: :math:`f_{\\rm ref} - f(\\theta_k + \\tilde s)`, the numerator of
+        :math:`\\rho`: :math:`f_{\\rm ref} = f(\\theta_k)` (monotone) or the window maximum
+        (``acceptance="nonmonotone"``).
       step_norm: :math:`\\|\\tilde s\\|`.
       global_ratio, global_accepted: of the global TR iteration (step 5).
       local_iterations: ``(b,)`` local TR iterations per subdomain.
@@ -407,6 +526,7 @@ def outer_step(
     model: str = "sr1",
     config: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     skip_tol: float = 1e-8,
+    options: APTSOptions = DEFAULT_OPTIONS,
 ) -> tuple[OuterState, OuterInfo]:
     """One APTS outer iteration (Algorithm 1, steps 2–5) for a block of ``b`` subdomains.
 
@@ -425,6 +545,8 @@ def outer_step(
       model: ``"sr1"`` or ``"first_order"`` (local and global).
       config: radius constants (:class:`apts_jax.radius.RadiusConfig`).
       skip_tol: SR1 skip-rule tolerance.
+      options: :class:`APTSOptions` (validated by the factories; default :data:`PAPER`). For
+        ``acceptance="nonmonotone"`` ``state.window`` must hold the window.
 
     Returns:
       ``(state, info)``: the :class:`OuterState` at :math:`\\theta_{k+1}` and an
@@ -434,6 +556,20 @@ def outer_step(
     b = state.local_value.shape[0]
     if data_block is None and b != 1:
         raise ValueError(f"outer_step: data_block is None but the block has {b} subdomains.")
+    nonmonotone = options.acceptance == "nonmonotone"
+    if nonmonotone and state.window is None:
+        raise ValueError(
+            "outer_step: acceptance='nonmonotone' needs state.window, the (W,) buffer of the last "
+            "accepted global values (e.g. jnp.full((W,), -jnp.inf)); the factories build it."
+        )
+    # Local radius: Delta/N for the summed combination, Delta for the mean.
+    share = n_sub if options.combine == "sum" else 1.0
+    local_start = state.radius / share
+    if options.local_boundary == "ball":
+        cap, initial = local_start, None
+    else:  # "adaptive": start at Delta/N, adapt up to max_radius/N
+        cap = jnp.full_like(local_start, config.max_radius / share)
+        initial = local_start
 
     def shard(i: int) -> Any:
         return None if data_block is None else jax.tree.map(lambda a: a[i], data_block)
@@ -446,19 +582,25 @@ def outer_step(
             return v[None], g[None]
         return jax.vmap(lambda sh: shard_value_and_grad(xv, sh))(data_block)
 
-    # Step 2: local phases inside the ball of radius Delta_k / N.
+    # Step 2: local phases inside the ball of radius Delta_k / N (see options).
     loc = _local_phases(
-        shard_value_and_grad, data_block, shard, state, state.radius / n_sub,
+        shard_value_and_grad, data_block, shard, state, cap,
         local_steps=local_steps, model=model, config=config, skip_tol=skip_tol,
+        initial_radius=initial,
     )
-    # Step 3: s~ = sum_i s_i and the predicted decrease.
+    # Step 3: s~ = sum_i s_i and the predicted decrease (means for combine="mean").
     step, predicted = _summed_step(loc, axis_name)
+    if options.combine == "mean":
+        step, predicted = step / n_sub, predicted / n_sub
 
     # Step 4: f(theta_k + s~) (with its gradient, reused if accepted) and the ratio test.
     trial = state.params + step
     t_vals, t_grads = block_value_and_grad(trial)
     t_value, t_grad = _reduce_mean(t_vals, t_grads, axis_name, n_sub)
-    actual = state.value - t_value
+    reference = (
+        jnp.maximum(state.value, jnp.max(state.window)) if nonmonotone else state.value
+    )
+    actual = reference - t_value
     test = ratio_test(
         actual, predicted, jnp.isfinite(t_value) & jnp.all(jnp.isfinite(t_grad)), state.radius,
         config,
@@ -481,10 +623,16 @@ def outer_step(
         model=model, config=config, skip_tol=skip_tol, has_aux=True, aux=(lval_t, lgrad_t),
     )
     new_lval, new_lgrad = res.aux
+    window = state.window
+    if nonmonotone:
+        # The new value enters the window whenever the iterate moved (step 4 or 5 accepted).
+        moved = accepted | res.accepted
+        pushed = jnp.concatenate([window[1:], res.value[None].astype(window.dtype)])
+        window = jnp.where(moved, pushed, window)
     new_state = OuterState(
         params=res.params, value=res.value, grad=res.grad, local_value=new_lval,
         local_grad=new_lgrad, radius=res.radius, local_memory=loc.memory,
-        global_memory=res.memory,
+        global_memory=res.memory, window=window,
     )
     info = OuterInfo(
         ratio=test.ratio,
@@ -549,6 +697,8 @@ class APTSState(NamedTuple):
       local_memory: this subdomain's L-SR1 memory (None for the first-order model).
       global_memory: the global L-SR1 memory (None for the first-order model).
       info: :class:`APTSInfo`.
+      window: the last accepted global values (``acceptance="nonmonotone"``; None otherwise),
+        replicated; see :class:`OuterState`.
     """
 
     count: Array
@@ -560,6 +710,7 @@ class APTSState(NamedTuple):
     local_memory: Any
     global_memory: Any
     info: APTSInfo
+    window: Any = None
 
 
 #: Fields of :class:`APTSState` / :class:`APTSInfo` that differ between subdomains.
@@ -593,6 +744,13 @@ def apts_state_specs(state: APTSState, axis_name: AxisName) -> APTSState:
     info = APTSInfo(**{f: specs(getattr(state.info, f), f in LOCAL_INFO_FIELDS)
                        for f in APTSInfo._fields})
     return APTSState(**fields, info=info)
+
+
+def init_window(options: APTSOptions, dtype: Any) -> Array | None:
+    """The empty window of the non-monotone test (None for the monotone one)."""
+    if options.acceptance != "nonmonotone":
+        return None
+    return _strong(jnp.full((options.nonmonotone_window,), -jnp.inf, dtype))
 
 
 def _check_axis_bound(axis_name: AxisName) -> None:
@@ -639,6 +797,13 @@ def apts(
     grow: float | None = None,
     boundary_fraction: float | None = None,
     skip_tol: float = 1e-8,
+    preset: str | APTSOptions | None = None,
+    local_boundary: str | None = None,
+    combine: str | None = None,
+    acceptance: str | None = None,
+    nonmonotone_window: int | None = None,
+    norm: str | None = None,
+    curvature_pairs: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APTS (the paper's Algorithm 1) as an optax transformation, one subdomain per mapped instance.
 
@@ -696,9 +861,21 @@ def apts(
       initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction:
         convenience keywords replacing single fields of ``radius``.
       skip_tol: SR1 skip-rule tolerance.
+      preset: ``"paper"`` (:data:`PAPER`, the paper's method exactly), an :class:`APTSOptions`,
+        or None for :data:`DEFAULT_OPTIONS` (today the paper's method too).
+      local_boundary, combine, acceptance, nonmonotone_window, norm, curvature_pairs: the open
+        choices of issue 11, replacing fields of the preset (see :class:`APTSOptions`):
+        ``local_boundary="ball"|"adaptive"`` (``"adaptive"`` gives up eq. 5's bound
+        :math:`\|\tilde s\| \le \Delta`; the ratio test guards the step),
+        ``combine="sum"|"mean"``, ``acceptance="monotone"|"nonmonotone"`` with window
+        ``nonmonotone_window`` (default 5).
     """
     _validate.local_steps(local_steps)
     _validate.model(model, memory_size)
+    options = resolve_options(
+        preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
+        nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+    )
     config = _validate.radius_config(
         radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
@@ -736,6 +913,7 @@ def apts(
             local_memory=init_memory(model, n, memory_size, dtype),
             global_memory=init_memory(model, n, memory_size, dtype),
             info=info,
+            window=init_window(options, dtype),
         )
 
     def update_fn(
@@ -818,11 +996,12 @@ def apts(
         outer = OuterState(
             params=x, value=gv, grad=gg, local_value=lv[None], local_grad=lg[None],
             radius=state.radius, local_memory=local_memory, global_memory=state.global_memory,
+            window=state.window,
         )
         out, oinfo = outer_step(
             shard_vg, None, outer,
             axis_name=axis_name, num_subdomains=n_inst, local_steps=local_steps, model=model,
-            config=config, skip_tol=skip_tol,
+            config=config, skip_tol=skip_tol, options=options,
         )
         info = APTSInfo(
             ratio=oinfo.ratio,
@@ -850,6 +1029,7 @@ def apts(
             else jax.tree.map(lambda a: a[0], out.local_memory),
             global_memory=out.global_memory,
             info=info,
+            window=out.window,
         )
         delta = out.params - x
         # A state stacked along a checked shard_map axis types its replicated fields (radius,

@@ -38,10 +38,30 @@ case by case:
   eigenvector accurate (a defect of the reference implementation was a
   "zero guard" that froze the iteration there and returned ``||p|| >> Delta``).
 
-The compiled solve is straight-line device code: no ``while`` and no ``conditional`` (the Newton
-iterations are unrolled and freeze once converged, every case is computed and chosen by ``select``),
-so an accelerator never waits for the host. The orthogonal complement of ``g`` is always formed
-explicitly with one re-projection ("twice is enough"): two passes over ``X`` more than the minimum.
+The compiled solve is straight-line device code: no ``while`` (the Newton iterations are unrolled
+and freeze once converged) and every case is computed and chosen by ``select``, so an accelerator
+never waits for the host. One choice remains, static, ``straight_line`` of :func:`solve` and
+:func:`solve_memory` — how ``||g_perp||`` and ``g_perp`` are obtained:
+
+* ``True``: ``g_perp`` is always formed explicitly with one re-projection ("twice is enough"):
+  two passes over ``X`` more than the minimum, and **no** ``conditional`` at all. Best on GPU/TPU,
+  where a ``conditional`` is a device-to-host round trip and two extra passes cost microseconds.
+* ``False``: the Gram formula ``||g_perp||^2 = ||g||^2 - ||g_par||^2``; only when it cancels
+  (``||g_perp|| < 0.1 ||g||``, :data:`EXPLICIT_PERP`) the explicit, re-orthogonalised ``g_perp``
+  is formed, behind **one** ``lax.cond``; otherwise the step is ``p = c g + X v`` (``g_perp`` never
+  formed). Two passes over ``X`` (the minimum) in the common case. Best on CPU, where the solve is
+  bandwidth bound and a branch costs nothing.
+* ``None`` (default): resolved at trace time, ``False`` on the CPU backend, ``True`` otherwise.
+
+Measured on CPU (2 shared cores, float32, m = 5, ``benchmarks/obs_variants.py``, results in
+``benchmarks/results/obs_variants.json``, medians of 9 interleaved blocks against the solver before
+the rewrite, n = 1e4 / 1e5 / 5e5 / 1.8e6): ``straight_line=True`` costs 1.2 / 1.8 / 1.9 / 1.9x in
+:func:`solve_memory` (n = 1.8e6: 73 ms against 39 ms) and 1.1 / 1.4 / 1.3 / 1.4x in :func:`solve`
+(its passes are over one explicit basis instead of ``S`` and ``Y``); ``straight_line=False`` costs
+1.00 / 0.97 / 0.99 / 0.97x in :func:`solve_memory` and 1.00 / 1.08 / 1.00 / 1.23x in
+:func:`solve`, where the excess at n = 1.8e6 is the explicit CholeskyQR2 basis (forming ``Q1``
+and ``Q1^T Q1``), not the complement. Under ``jax.vmap`` the ``lax.cond`` becomes a ``select``
+(both branches run), so ``False`` then costs what ``True`` does.
 
 The solve is split into named steps, each testable alone: :func:`orthonormalize`, :func:`spectral`,
 :func:`project`, :func:`secular`, :func:`newton`, :func:`hard_case`, :func:`assemble`.
@@ -228,6 +248,16 @@ def _implicit_basis(s: Array, y: Array, gamma: Array, mask: Array, psi_psi: Arra
     return Basis(s, y, gamma), spectral(r, m_inv, t, keep, mask, gamma, s.shape[0])
 
 
+def _tall_times_small(x: Array, c: Array) -> Array:
+    """``x @ c`` for a tall ``(n, m)`` ``x`` and a small ``(m, k)`` ``c`` as ``m`` broadcast
+    products: one fused elementwise pass. (XLA:CPU runs the ``dot`` 2-3x slower, 55 ms against
+    24 ms at n = 1.8e6, m = 5.)"""
+    out = x[:, 0, None] * c[0][None, :]
+    for i in range(1, x.shape[1]):
+        out = out + x[:, i, None] * c[i][None, :]
+    return out
+
+
 def _explicit_basis(gamma: Array, mask: Array, psi: Array, psi_psi: Array, s_psi: Array,
                     eps: float) -> tuple[Basis, Spectral]:
     """Shifted CholeskyQR2: ``Q1 = Psi T1`` formed explicitly, then ``Q = Q1 T2`` orthonormal."""
@@ -236,7 +266,7 @@ def _explicit_basis(gamma: Array, mask: Array, psi: Array, psi_psi: Array, s_psi
     eps_ct = float(jnp.finfo(ct).eps)
     psi_psi, m_inv = lsr1.small_matrices(psi_psi, s_psi, mask)
     first = orthonormalize(psi_psi, mask, eps_ct, shift=10.0 * m * eps_ct)
-    q1 = jnp.matmul(psi.astype(ct), first.t, precision=_HIGHEST)
+    q1 = _tall_times_small(psi.astype(ct), first.t)
     g2 = jnp.matmul(q1.T, q1, precision=_HIGHEST)  # accurate: Q1 is well conditioned
     g2 = 0.5 * (g2 + g2.T)
     t2, _, keep = orthonormalize(g2, first.keep, eps)

@@ -41,7 +41,14 @@ from jax.sharding import PartitionSpec as P
 
 from apts_jax import _tree, _validate
 from apts_jax._tree import strong as _strong
-from apts_jax.apts_transform import OuterState, outer_step, to_varying
+from apts_jax.apts_transform import (
+    APTSOptions,
+    OuterState,
+    init_window,
+    outer_step,
+    resolve_options,
+    to_varying,
+)
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
 from apts_jax.tr import init_memory
 
@@ -239,6 +246,7 @@ class APTSRunState(NamedTuple):
       global_memory: global L-SR1 memory or None.
       num_accepted, num_rejected: APTS steps accepted/rejected so far.
       num_fun_evals: value-and-gradient evaluations per subdomain so far (max over subdomains).
+      window: the last accepted global values (``acceptance="nonmonotone"``; None otherwise).
     """
 
     count: Array
@@ -253,6 +261,7 @@ class APTSRunState(NamedTuple):
     num_accepted: Array
     num_rejected: Array
     num_fun_evals: Array
+    window: Any = None
 
 
 class OuterStats(NamedTuple):
@@ -290,7 +299,7 @@ class APTSProgram(NamedTuple):
     layout: SubdomainLayout
 
 
-def _state_specs(axis: str, model: str) -> APTSRunState:
+def _state_specs(axis: str, model: str, options: APTSOptions) -> APTSRunState:
     rep, loc = P(), P(axis)
     mem_loc = None if model != "sr1" else loc
     mem_rep = None if model != "sr1" else rep
@@ -298,6 +307,7 @@ def _state_specs(axis: str, model: str) -> APTSRunState:
         count=rep, params=rep, value=rep, grad=rep, local_value=loc, local_grad=loc,
         radius=rep, local_memory=mem_loc, global_memory=mem_rep, num_accepted=rep,
         num_rejected=rep, num_fun_evals=rep,
+        window=rep if options.acceptance == "nonmonotone" else None,
     )
 
 
@@ -320,12 +330,23 @@ def make_apts(
     boundary_fraction: float | None = None,
     skip_tol: float = 1e-8,
     check_vma: bool = True,
+    preset: str | APTSOptions | None = None,
+    local_boundary: str | None = None,
+    combine: str | None = None,
+    acceptance: str | None = None,
+    nonmonotone_window: int | None = None,
+    norm: str | None = None,
+    curvature_pairs: str | None = None,
 ) -> APTSProgram:
     """Build jitted APTS functions for ``loss_fn(params, shard) -> scalar`` on ``layout``.
 
     ``loss_fn`` is the mean loss over one subdomain's data shard (a leaf-wise slice of the data
     returned by :func:`split_data`); ``params`` (arrays or ``jax.ShapeDtypeStruct``) fixes the
-    parameter structure. Everything else as in :func:`apts_jax.apts`.
+    parameter structure. Everything else as in :func:`apts_jax.apts`, including ``preset``
+    (``"paper"`` pins the paper's method) and the issue-11 options ``local_boundary``
+    (``"ball"``/``"adaptive"``), ``combine`` (``"sum"``/``"mean"``), ``acceptance``
+    (``"monotone"``/``"nonmonotone"``) with ``nonmonotone_window``, ``norm`` and
+    ``curvature_pairs`` (see :class:`apts_jax.apts_transform.APTSOptions`).
 
     ``init`` raises ``FloatingPointError`` when the initial loss or gradient is not finite.
     """
@@ -338,11 +359,15 @@ def make_apts(
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
     )
     skip_tol = _validate.skip_tol(skip_tol)
+    options = resolve_options(
+        preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
+        nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+    )
     spec = _tree.flat_spec(params)
     axis = layout.axis_name
     n_sub = layout.num_subdomains
     b = layout.per_device
-    state_specs = _state_specs(axis, model)
+    state_specs = _state_specs(axis, model, options)
     stats_specs = OuterStats(*([P()] * 10), local_iterations=P(axis))
 
     def shard_vg(z: Array, shard: Any) -> tuple[Array, Array]:
@@ -369,6 +394,7 @@ def make_apts(
             count=zero_i, params=x, value=v, grad=g, local_value=lv, local_grad=lg,
             radius=_strong(jnp.asarray(config.initial_radius, dtype)), local_memory=local_mem,
             global_memory=mem, num_accepted=zero_i, num_rejected=zero_i, num_fun_evals=zero_i + 1,
+            window=init_window(options, dtype),
         )
 
     def step_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
@@ -376,7 +402,7 @@ def make_apts(
         out, info = outer_step(
             shard_vg, data_blk, outer,
             axis_name=axis, num_subdomains=n_sub, local_steps=local_steps, model=model,
-            config=config, skip_tol=skip_tol,
+            config=config, skip_tol=skip_tol, options=options,
         )
         evals = jax.lax.pmax(jnp.max(info.evaluations), axis)
         new = state._replace(
@@ -487,6 +513,13 @@ def solve(
     memory_size: int = 5,
     check_vma: bool = True,
     radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
+    preset: str | APTSOptions | None = None,
+    local_boundary: str | None = None,
+    combine: str | None = None,
+    acceptance: str | None = None,
+    nonmonotone_window: int | None = None,
+    norm: str | None = None,
+    curvature_pairs: str | None = None,
     **radius_constants: float,
 ) -> tuple[Any, APTSRunState, SolveStats]:
     """Full-batch APTS on ``subdomains`` equal data shards as one jitted ``lax.while_loop``.
@@ -501,6 +534,8 @@ def solve(
       gtol: stop when ``||grad|| <= gtol * max(1, ||grad_0||)``.
       local_steps, model, memory_size, check_vma: see :func:`make_apts`.
       radius: the radius constants (:class:`apts_jax.radius.RadiusConfig`).
+      preset, local_boundary, combine, acceptance, nonmonotone_window, norm, curvature_pairs:
+        the issue-11 options (see :func:`make_apts`, :class:`apts_jax.apts_transform.APTSOptions`).
       **radius_constants: ``initial_radius``, ``min_radius``, ... replacing fields of ``radius``
         (see :func:`apts_jax.apts`).
 
@@ -512,11 +547,15 @@ def solve(
     ):
         raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}.")
     gtol = _validate.gtol(gtol)
+    options = resolve_options(
+        preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
+        nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+    )  # validated before any device work
     layout = subdomain_layout(subdomains, devices)
     sharded = split_data(layout, data)
     prog = make_apts(
         loss_fn, params, layout, local_steps=local_steps, model=model, memory_size=memory_size,
-        check_vma=check_vma, radius=radius, **radius_constants,
+        check_vma=check_vma, radius=radius, preset=options, **radius_constants,
     )
     state = prog.init(params, sharded)
     state, stats = _solve_loop(prog, state, sharded, max_iterations, float(gtol))

@@ -32,6 +32,11 @@ least-squares objective) is read with :func:`apts_jax.hlo.structure_counts`: the
 iteration on a GPU), fusions (kernels) and custom calls (LAPACK / cuSOLVER), reported under
 ``"structure"``.
 
+Variant. ``obs.solve`` / ``obs.solve_memory`` are timed with ``straight_line`` from ``--variant``
+(default: the backend's default, ``cond`` on CPU and ``straight`` on GPU/TPU); the report records
+the variant timed under ``settings.obs_variant`` (``"straight"``: no ``conditional``; ``"cond"``:
+one ``lax.cond`` for the explicit complement of ``g``) and ``settings.straight_line``.
+
 Usage::
 
     python benchmarks/obs_cost.py            # full grid -> benchmarks/results/obs_cost.json
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import os
 import random
 import statistics
@@ -159,16 +165,35 @@ def _tr_module() -> Any:
     return None
 
 
-def structure(n: int, ms) -> dict[str, Any]:
+def obs_kwargs(straight_line: bool | None) -> dict[str, Any]:
+    """Keyword arguments selecting the OBS variant (none for a solver without the option)."""
+    if straight_line is None or not hasattr(obs, "resolve_straight_line"):
+        return {}
+    return {"straight_line": straight_line}
+
+
+def variant_name(straight_line: bool | None) -> str:
+    """``"straight"`` / ``"cond"`` for the variant ``straight_line`` resolves to on this backend."""
+    if not hasattr(obs, "resolve_straight_line"):
+        return "unknown"
+    return "straight" if obs.resolve_straight_line(straight_line) else "cond"
+
+
+def structure(n: int, ms, straight_line: bool | None = None) -> dict[str, Any]:
     """``hlo.structure_counts`` of the compiled OBS solves (per m) and of one TR iteration."""
-    out: dict[str, Any] = {"n": n, "backend": jax.default_backend()}
+    out: dict[str, Any] = {"n": n, "backend": jax.default_backend(),
+                           "obs_variant": variant_name(straight_line)}
+    kw = obs_kwargs(straight_line)
     gamma = jnp.float32(1.0)
     for m in ms:
         g, s, y = make_pairs(jax.random.PRNGKey(0), n, m, (-1.0, 2.0))
         r = jnp.float32(1.0)
-        solve_text = jax.jit(obs.solve).lower(g, s, y, gamma, r).compile().as_text()
+        solve_text = (
+            jax.jit(functools.partial(obs.solve, **kw)).lower(g, s, y, gamma, r).compile().as_text()
+        )
         memory_text = (
-            jax.jit(obs.solve_memory).lower(g, make_memory(s, y, gamma), r).compile().as_text()
+            jax.jit(functools.partial(obs.solve_memory, **kw))
+            .lower(g, make_memory(s, y, gamma), r).compile().as_text()
         )
         out[f"solve_m{m}"] = hlo.structure_counts(solve_text)
         out[f"solve_memory_m{m}"] = hlo.structure_counts(memory_text)
@@ -214,7 +239,8 @@ def stats(samples: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Main.
 # --------------------------------------------------------------------------------------------
-def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[str, Any]:
+def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print,
+        straight_line: bool | None = None) -> dict[str, Any]:
     key = jax.random.PRNGKey(seed)
     info = machine_info()
     gamma = jnp.float32(1.0)
@@ -228,9 +254,10 @@ def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[st
     grad_fn = jax.jit(jax.value_and_grad(mlp_loss))
     num_params = sum(w.size + b.size for w, b in params)
 
-    solve_fn = jax.jit(lambda g, s, y, gam, r: obs.solve(g, s, y, gam, r))
+    kw = obs_kwargs(straight_line)
+    solve_fn = jax.jit(lambda g, s, y, gam, r: obs.solve(g, s, y, gam, r, **kw))
     floor_fn = jax.jit(two_pass_floor)
-    memory_fn = jax.jit(lambda g, mem, r: obs.solve_memory(g, mem, r)) if has_memory else None
+    memory_fn = jax.jit(lambda g, mem, r: obs.solve_memory(g, mem, r, **kw)) if has_memory else None
 
     # Problems: problems[(n, m)][scenario] = (solve args, solve_memory args).
     problems: dict[tuple[int, int], dict[str, tuple]] = {}
@@ -345,7 +372,7 @@ def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[st
             goal["met_solve_memory"] = goal_row["ratio_solve_memory"] <= GOAL["max_ratio"]
 
     info["loadavg_end"] = list(os.getloadavg())
-    struct = structure(min(ns), ms)
+    struct = structure(min(ns), ms, straight_line)
     log(f"structure (compiled HLO): {struct}")
     return {
         "schema_version": SCHEMA_VERSION,
@@ -370,6 +397,9 @@ def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[st
                 "loss": "softmax cross-entropy",
             },
             "has_solve_memory": memory_fn is not None,
+            "obs_variant": variant_name(straight_line),
+            "straight_line": (obs.resolve_straight_line(straight_line)
+                              if hasattr(obs, "resolve_straight_line") else None),
         },
         "mlp_grad": grad_stats,
         "results": results,
@@ -382,7 +412,9 @@ def run(ns, ms, repeats: int, mlp_samples: int, seed: int, log=print) -> dict[st
 
 def format_table(report: dict[str, Any]) -> str:
     g = report["mlp_grad"]["median_s"]
+    variant = report["settings"].get("obs_variant")
     lines = [
+        *([f"OBS variant timed: {variant}"] if variant else []),
         f"MLP value+grad ({report['settings']['mlp']['num_params']:,} params, "
         f"{report['settings']['mlp']['samples']} samples): median {g * 1e3:.1f} ms "
         f"(IQR {report['mlp_grad']['iqr_s'] * 1e3:.1f} ms)",
@@ -445,7 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=None, help="timing blocks (default 9, quick 3)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--variant",
+        choices=("default", "straight", "cond"),
+        default="default",
+        help="obs straight_line: the backend's default, True (straight) or False (cond)",
+    )
     args = parser.parse_args(argv)
+    straight_line = {"default": None, "straight": True, "cond": False}[args.variant]
 
     if args.quick:
         ns, ms, repeats, mlp_samples = QUICK_NS, QUICK_MS, 3, 1_000
@@ -454,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None:
         repeats = args.repeats
 
-    report = run(ns, ms, repeats, mlp_samples, args.seed)
+    report = run(ns, ms, repeats, mlp_samples, args.seed, straight_line=straight_line)
     report["quick"] = bool(args.quick)
     write_report(args.out, report, format_table)
     return 0

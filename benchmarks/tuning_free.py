@@ -382,6 +382,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "paper-b4x": {**PAPER, "batch_scale": 0.25, "description": "paper, minibatches 4x smaller"},
     "paper-fullbatch": {**PAPER, "stochastic": False, "iterations_per_epoch": 1,
                         "description": "full-batch APTS, 1 outer iteration per epoch"},
+    # issue 11, one choice at a time from the paper preset, then combinations
+    "adaptive": {**PAPER, "local_boundary": "adaptive",
+                 "description": "paper, authors' local boundary (local radius up to max/N)"},
+    "mean": {**PAPER, "combine": "mean", "description": "paper, mean of local steps, local radius Delta"},
+    "nonmono": {**PAPER, "acceptance": "nonmonotone", "nonmonotone_window": 5,
+                "description": "paper, non-monotone acceptance (window 5)"},
+    "adaptive-mean": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
+                      "description": "adaptive boundary + mean combination"},
+    "adaptive-mean-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean", "batch_scale": 0.25,
+                          "description": "adaptive boundary + mean combination, minibatches 4x smaller"},
+    "all3-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean", "acceptance": "nonmonotone",
+                 "nonmonotone_window": 5, "batch_scale": 0.25,
+                 "description": "adaptive + mean + non-monotone, minibatches 4x smaller"},
 }
 
 

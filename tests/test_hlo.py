@@ -1,5 +1,7 @@
 """apts_jax.hlo: collective counting and control-flow structure of HLO text."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -80,23 +82,41 @@ def test_structure_counts_find_loops_and_branches_in_compiled_code() -> None:
 
 @pytest.mark.parametrize("dtype,n,m", [("float32", 40, 5), ("float64", 3, 5)])
 def test_obs_and_lsr1_update_compile_to_straight_line_code(dtype: str, n: int, m: int) -> None:
-    """Issue 10: no ``while`` and no ``conditional`` in the compiled OBS solve (``solve`` and
-    ``solve_memory``) nor in the L-SR1 update: no host round trip on an accelerator."""
+    """Issue 10: no ``while`` and no ``conditional`` in the compiled OBS solve with
+    ``straight_line=True`` (``solve`` and ``solve_memory``) nor in the L-SR1 update: no host round
+    trip on an accelerator. ``straight_line=False`` (the CPU default) keeps exactly one
+    ``conditional`` (the explicit complement of ``g``) and no ``while``."""
     previous = bool(jax.config.jax_enable_x64)
     jax.config.update("jax_enable_x64", dtype == "float64")
     try:
         g = jnp.ones((n,), dtype)
         s = jnp.ones((n, m), dtype)
         mem = lsr1.init(n, m, dtype=jnp.dtype(dtype))
-        programs = {
-            "obs.solve": jax.jit(obs.solve).lower(g, s, s, 1.0, 1.0),
-            "obs.solve(mask)": jax.jit(obs.solve).lower(g, s, s, 1.0, 1.0, jnp.ones(m, bool)),
-            "obs.solve_memory": jax.jit(obs.solve_memory).lower(g, mem, 1.0),
-            "lsr1.update": jax.jit(lsr1.update).lower(mem, g, g),
-        }
+        mask = jnp.ones(m, bool)
+        expected_conditionals = {}
+        programs = {}
+        for flag in (True, False):
+            solve = functools.partial(obs.solve, straight_line=flag)
+            memory = functools.partial(obs.solve_memory, straight_line=flag)
+            programs[f"obs.solve[{flag}]"] = jax.jit(solve).lower(g, s, s, 1.0, 1.0)
+            programs[f"obs.solve(mask)[{flag}]"] = jax.jit(solve).lower(g, s, s, 1.0, 1.0, mask)
+            programs[f"obs.solve_memory[{flag}]"] = jax.jit(memory).lower(g, mem, 1.0)
+            for name in ("obs.solve", "obs.solve(mask)", "obs.solve_memory"):
+                expected_conditionals[f"{name}[{flag}]"] = 0 if flag else 1
+        programs["lsr1.update"] = jax.jit(lsr1.update).lower(mem, g, g)
+        expected_conditionals["lsr1.update"] = 0
         for name, lowered in programs.items():
             counts = structure_counts(lowered.compile().as_text())
-            assert counts["while"] == 0 and counts["conditional"] == 0, (name, counts)
+            assert counts["while"] == 0, (name, counts)
+            assert counts["conditional"] == expected_conditionals[name], (name, counts)
             assert counts["fusion"] > 0, (name, counts)  # the parser saw the program
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def test_default_variant_follows_the_backend() -> None:
+    """``straight_line=None`` is ``False`` on CPU and ``True`` on GPU/TPU; a non-bool is refused."""
+    assert obs.resolve_straight_line(None) == (jax.default_backend() != "cpu")
+    assert obs.resolve_straight_line(True) is True and obs.resolve_straight_line(False) is False
+    with pytest.raises(TypeError, match="straight_line"):
+        obs.resolve_straight_line(jnp.asarray(True))

@@ -157,8 +157,10 @@ def test_quadratic_matches_numpy_solve(model, precision):
     f32 = dtype == np.float32
     if model == "sr1":
         x, state, stats = minimize(quadratic, x0, *args, gtol=1e-6 if f32 else 1e-11)
-        # float64: f(x*) = O(1), so accepting on f values resolves ||g|| only to ~sqrt(eps |f| L)
-        rtol = 1e-3 if f32 else 1e-6
+        # acceptance compares f values, so x is resolved only to ~sqrt(eps * cond) (float32, cond 100:
+        # 3.5e-3; measured 1e-4 .. 3.3e-3 depending on rounding along the path); float64: f(x*) = O(1),
+        # so ||g|| is resolved only to ~sqrt(eps |f| L)
+        rtol = 1e-2 if f32 else 1e-6
     else:
         x, state, stats = minimize(
             quadratic, x0, *args, model="first_order", max_iterations=50_000,
