@@ -716,6 +716,7 @@ def test_default_update_uses_the_current_minibatch(fresh_data):
     assert np.linalg.norm(want[-1][0]) > 0.1
 
 
+@pytest.mark.slow  # heavy compiles; run with pytest -m slow
 def test_reuse_value_and_grad_is_explicit_and_exact_for_full_batch(solve_reference):
     """Full batch: ``reuse_value_and_grad=True`` (three all-reduces per update) and the default
     (re-reduce what is passed) both follow ``parallel.solve``; with minibatches only the default
@@ -733,6 +734,7 @@ def test_reuse_value_and_grad_is_explicit_and_exact_for_full_batch(solve_referen
     assert fresh[0][1] == stale[0][1] and abs(fresh[1][1] - stale[1][1]) > 1e-3
 
 
+@pytest.mark.slow  # heavy compiles; run with pytest -m slow
 def test_recorded_optax_face_trajectory_float64(x64):
     """The optax face (vmap, N = 4, nu = 3, full batch) reproduces the trajectory recorded before
     issue 9's refactoring (see tests/test_parallel.py::RECORDED)."""

@@ -213,6 +213,7 @@ def test_paper_preset_reproduces_the_recorded_trajectory(x64):
     np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
+@pytest.mark.slow  # heavy compiles; run with pytest -m slow
 def test_paper_preset_equals_default_make_apts_bit_for_bit():
     a = _program_run(4, 1, "sr1", (), iterations=6)
     b = _program_run(4, 1, "sr1", (("preset", "paper"),), iterations=6)
@@ -317,6 +318,7 @@ def test_nonmonotone_ratio_and_window_by_hand(x64):
     np.testing.assert_allclose(float(info_e.ratio), monotone_rho, rtol=1e-12)
 
 
+@pytest.mark.slow  # heavy compiles; run with pytest -m slow
 def test_window_of_one_is_the_monotone_test():
     a = _program_run(4, 1, "sr1", (), iterations=8)
     b = _program_run(4, 1, "sr1", (("acceptance", "nonmonotone"), ("nonmonotone_window", 1)),
@@ -357,6 +359,7 @@ def _program_run(num_subdomains, devices, model, opts, iterations=10):
     return {k: np.array(v) for k, v in out.items()}
 
 
+@pytest.mark.slow  # heavy compiles; run with pytest -m slow
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_layout_independence_for_every_option(name):
     opts = OPTION_SETS[name]
@@ -396,6 +399,7 @@ def _vmap_run(optimizer, n_sub, p0, batches):
     return out
 
 
+@pytest.mark.slow  # heavy compiles; run with pytest -m slow
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_optax_face_agrees_with_make_apts(x64, name):
     opts = dict(OPTION_SETS[name])
