@@ -461,7 +461,8 @@ def ratio_test(
 
     Args:
       actual_decrease: :math:`f(\theta_k) - f(\theta_k + \tilde s)`.
-      predicted_decrease: the *sum* over subdomains of the local decreases.
+      predicted_decrease: the *sum* over subdomains of the local decreases (their mean for
+        ``combine="mean"``, where the step is the mean of the local steps).
       trial_finite: bool, :math:`f` and :math:`\nabla f` at :math:`\theta_k + \tilde s` are finite.
       radius: :math:`\Delta_k`.
       config: the radius constants.

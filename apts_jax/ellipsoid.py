@@ -345,7 +345,7 @@ def scaled_memory(pairs: Pairs, d_half: ArrayLike, *, cond_tol: float = 1e-3) ->
     s_norm2 = jnp.sum(s_hat * s_hat, axis=0).astype(ct)
     tol = max(float(cond_tol), float(np.sqrt(eps)))
     # The conditioning check of lsr1.update (a private helper of lsr1: one rule, one place).
-    mask = lsr1._drop_oldest_until_conditioned(pp, sp, s_norm2, pairs.mask, tol)
+    mask = lsr1.drop_oldest_until_conditioned(pp, sp, s_norm2, pairs.mask, tol)
     outer = mask[:, None] & mask[None, :]
     pp, sp = (jnp.where(outer, a, 0.0) for a in (pp, sp))
     return lsr1.LSR1Memory(s_hat, y_hat, mask, gamma, pp, sp)

@@ -189,7 +189,7 @@ def _well_conditioned(psi_psi: Array, s_psi: Array, s_norm2: Array, mask: Array,
     return ok_cols & finite & (rc_psi >= tol) & (rc_m >= tol)
 
 
-def _drop_oldest_until_conditioned(
+def drop_oldest_until_conditioned(
     psi_psi: Array, s_psi: Array, s_norm2: Array, mask: Array, tol: float
 ) -> Array:
     """The largest newest-end sub-mask of ``mask`` whose pairs are well conditioned."""
@@ -309,7 +309,7 @@ def update(
     _, pp, sp = gram_matrices(new_s, new_y, new_gamma, ct)
     s_norm2 = jnp.sum(new_s * new_s, axis=0).astype(ct)
     tol = max(float(cond_tol), float(np.sqrt(eps)))
-    mask = _drop_oldest_until_conditioned(pp, sp, s_norm2, mask, tol)
+    mask = drop_oldest_until_conditioned(pp, sp, s_norm2, mask, tol)
     outer = mask[:, None] & mask[None, :]
     pp, sp = (jnp.where(outer, a, 0.0) for a in (pp, sp))
     candidate_memory = LSR1Memory(new_s, new_y, mask, new_gamma, pp, sp)

@@ -348,7 +348,7 @@ def make_apts(
     (``"monotone"``/``"nonmonotone"``) with ``nonmonotone_window``, ``norm`` and
     ``curvature_pairs`` (see :class:`apts_jax.apts_transform.APTSOptions`).
 
-    ``init`` raises ``FloatingPointError`` when the initial loss or gradient is not finite.
+    ``init`` raises ``ValueError`` when the initial loss or gradient is not finite.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
