@@ -161,12 +161,12 @@ APTS_OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "local_boundary": ("ball", "adaptive"),
     "combine": ("sum", "mean"),
     "acceptance": ("monotone", "nonmonotone"),
-    "norm": ("l2",),
+    "norm": ("l2", "adaptive"),
     "curvature_pairs": ("same_batch",),
 }
 
 #: Options named in issue 11 that are not implemented yet (a clear error instead of "unknown").
-_NOT_IMPLEMENTED = {"norm": ("adaptive",), "curvature_pairs": ("multi_batch",)}
+_NOT_IMPLEMENTED = {"curvature_pairs": ("multi_batch",)}
 
 
 def apts_options(options: Any) -> Any:

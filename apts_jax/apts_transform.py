@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
-from apts_jax import _tree, _validate
+from apts_jax import _tree, _validate, ellipsoid
 from apts_jax import radius as radius_lib
 from apts_jax._tree import strong as _strong
 from apts_jax._vma import match_vma, varying_axes
@@ -137,8 +137,15 @@ class APTSOptions(NamedTuple):
         the window (replicated); a value enters it whenever the iterate moves. With minibatches
         (SAPTS) the window holds values of earlier batches, as in NAPTS.
       nonmonotone_window: :math:`W \ge 1` (``W = 1`` is the monotone test). Default 5.
-      norm: ``"l2"`` (paper). (The ellipsoidal ``"adaptive"`` norm of :mod:`apts_jax.ellipsoid`
-        is not wired into APTS yet.)
+      norm: ``"l2"`` (paper): :math:`\|s\|_2 \le \Delta`. ``"adaptive"``: the ellipsoid
+        :math:`\|D^{1/2}s\|_2 \le \Delta`, :math:`D = \operatorname{diag}(\sqrt{\hat v} +
+        \epsilon)` with :math:`\hat v` Adam's bias-corrected running mean of the squared *global*
+        gradients (:math:`\beta_2 = 0.999`, :math:`\epsilon = 10^{-8}`), folded in once per outer
+        iteration at :math:`\theta_k`; one :math:`D` serves the local phases and the global step
+        of that iteration (Kohler, Adolphs & Lucchi, arXiv:1905.09201; :mod:`apts_jax.ellipsoid`:
+        OBS in the scaled variables, L-SR1 pairs stored unscaled). Every radius, the local caps
+        and eq. 5's bound are then in the scaled norm (:math:`D` has the units of a gradient, so
+        the radius constants mean something else than for ``"l2"``).
       curvature_pairs: ``"same_batch"`` (paper). (``"multi_batch"`` is not implemented yet.)
     """
 
@@ -290,6 +297,7 @@ def local_phase(
     config: RadiusConfig,
     skip_tol: float,
     initial_radius: Array | None = None,
+    d_half: Array | None = None,
 ) -> LocalResult:
     r"""At most ``local_steps`` trust-region iterations on :math:`f_i` inside the ball of radius ``cap``.
 
@@ -298,9 +306,13 @@ def local_phase(
     :math:`\min(\Delta_{i,j}, \text{cap} - \|x_j - \theta_k\|)`, so :math:`\|s_i\| \le` ``cap``
     holds by the triangle inequality; the local radius starts at ``initial_radius`` (default
     ``cap``: the paper's ball) and never exceeds ``cap``; the phase stops early when
-    :math:`\|s_i\|` reaches ``cap``.
+    :math:`\|s_i\|` reaches ``cap``. With ``d_half`` (``norm="adaptive"``) every norm here is the
+    scaled one, :math:`\|D^{1/2}\cdot\|` (:func:`apts_jax.tr.iteration`), with the same bound.
     """
     r = global_grad - local_grad
+
+    def norm(v: Array) -> Array:
+        return jnp.linalg.norm(v) if d_half is None else jnp.linalg.norm(d_half * v)
 
     def value_and_grad(x: Array) -> tuple[Array, Array]:
         v, g = local_value_and_grad(x)
@@ -337,8 +349,9 @@ def local_phase(
             model=model,
             config=local_config,
             skip_tol=skip_tol,
+            d_half=d_half,
         )
-        dist = jnp.linalg.norm(res.params - theta)
+        dist = norm(res.params - theta)
         return Carry(
             res.params,
             res.value,
@@ -391,6 +404,9 @@ class OuterState(NamedTuple):
       global_memory: the global L-SR1 memory (None for the first-order model).
       window: ``(W,)`` the last accepted global values, oldest first, ``-inf`` where none yet
         (``acceptance="nonmonotone"`` only; None otherwise). Replicated.
+      norm_state: the running second moment of the global gradients that defines the
+        ellipsoidal norm (:class:`apts_jax.ellipsoid.DiagNormState`; ``norm="adaptive"`` only,
+        None otherwise). Replicated.
     """
 
     params: Array
@@ -402,6 +418,7 @@ class OuterState(NamedTuple):
     local_memory: Any
     global_memory: Any
     window: Any = None
+    norm_state: Any = None
 
 
 class OuterInfo(NamedTuple):
@@ -415,7 +432,7 @@ class OuterInfo(NamedTuple):
       actual_decrease: :math:`f_{\\rm ref} - f(\\theta_k + \\tilde s)`, the numerator of
         :math:`\\rho`: :math:`f_{\\rm ref} = f(\\theta_k)` (monotone) or the window maximum
         (``acceptance="nonmonotone"``).
-      step_norm: :math:`\\|\\tilde s\\|`.
+      step_norm: :math:`\\|\\tilde s\\|` (:math:`\\|D^{1/2}\\tilde s\\|` for ``norm="adaptive"``).
       global_ratio, global_accepted: of the global TR iteration (step 5).
       local_iterations: ``(b,)`` local TR iterations per subdomain.
       local_accepted: ``(b,)`` accepted local steps per subdomain.
@@ -563,6 +580,18 @@ def outer_step(
             "outer_step: acceptance='nonmonotone' needs state.window, the (W,) buffer of the last "
             "accepted global values (e.g. jnp.full((W,), -jnp.inf)); the factories build it."
         )
+    adaptive_norm = options.norm == "adaptive"
+    if adaptive_norm and state.norm_state is None:
+        raise ValueError(
+            "outer_step: norm='adaptive' needs state.norm_state (apts_jax.ellipsoid.init(n)); "
+            "the factories build it."
+        )
+    # The ellipsoidal norm: D from the running second moment of the global gradients, folded in
+    # at theta_k; one D for the whole outer iteration (local phases and the global step).
+    norm_state, d_half = state.norm_state, None
+    if adaptive_norm:
+        norm_state = ellipsoid.update(norm_state, state.grad)
+        d_half = ellipsoid.scale(norm_state)
     # Local radius: Delta/N for the summed combination, Delta for the mean.
     share = n_sub if options.combine == "sum" else 1.0
     local_start = state.radius / share
@@ -587,7 +616,7 @@ def outer_step(
     loc = _local_phases(
         shard_value_and_grad, data_block, shard, state, cap,
         local_steps=local_steps, model=model, config=config, skip_tol=skip_tol,
-        initial_radius=initial,
+        initial_radius=initial, d_half=d_half,
     )
     # Step 3: s~ = sum_i s_i and the predicted decrease (means for combine="mean").
     step, predicted = _summed_step(loc, axis_name)
@@ -622,6 +651,7 @@ def outer_step(
     res = iteration(
         global_vg, theta_t, value_t, grad_t, test.radius, state.global_memory,
         model=model, config=config, skip_tol=skip_tol, has_aux=True, aux=(lval_t, lgrad_t),
+        d_half=d_half,
     )
     new_lval, new_lgrad = res.aux
     window = state.window
@@ -633,14 +663,14 @@ def outer_step(
     new_state = OuterState(
         params=res.params, value=res.value, grad=res.grad, local_value=new_lval,
         local_grad=new_lgrad, radius=res.radius, local_memory=loc.memory,
-        global_memory=res.memory, window=window,
+        global_memory=res.memory, window=window, norm_state=norm_state,
     )
     info = OuterInfo(
         ratio=test.ratio,
         accepted=accepted,
         predicted_decrease=predicted,
         actual_decrease=actual,
-        step_norm=jnp.linalg.norm(step),
+        step_norm=jnp.linalg.norm(step if d_half is None else d_half * step),
         global_ratio=res.ratio,
         global_accepted=res.accepted,
         local_iterations=loc.iterations,
@@ -700,6 +730,8 @@ class APTSState(NamedTuple):
       info: :class:`APTSInfo`.
       window: the last accepted global values (``acceptance="nonmonotone"``; None otherwise),
         replicated; see :class:`OuterState`.
+      norm_state: the ellipsoidal norm's running second moment (``norm="adaptive"``; None
+        otherwise), replicated; see :class:`OuterState`.
     """
 
     count: Array
@@ -712,6 +744,7 @@ class APTSState(NamedTuple):
     global_memory: Any
     info: APTSInfo
     window: Any = None
+    norm_state: Any = None
 
 
 #: Fields of :class:`APTSState` / :class:`APTSInfo` that differ between subdomains.
@@ -752,6 +785,13 @@ def init_window(options: APTSOptions, dtype: Any) -> Array | None:
     if options.acceptance != "nonmonotone":
         return None
     return _strong(jnp.full((options.nonmonotone_window,), -jnp.inf, dtype))
+
+
+def init_norm(options: APTSOptions, n: int, dtype: Any) -> ellipsoid.DiagNormState | None:
+    """The empty second moment of the ellipsoidal norm (None for ``norm="l2"``)."""
+    if options.norm != "adaptive":
+        return None
+    return jax.tree.map(_strong, ellipsoid.init(n, dtype))
 
 
 def _check_axis_bound(axis_name: AxisName) -> None:
@@ -869,7 +909,8 @@ def apts(
         ``local_boundary="ball"|"adaptive"`` (``"adaptive"`` gives up eq. 5's bound
         :math:`\|\tilde s\| \le \Delta`; the ratio test guards the step),
         ``combine="sum"|"mean"``, ``acceptance="monotone"|"nonmonotone"`` with window
-        ``nonmonotone_window`` (default 5).
+        ``nonmonotone_window`` (default 5), ``norm="l2"|"adaptive"`` (the ellipsoidal trust
+        region; the state then carries ``norm_state``, replicated).
     """
     _validate.local_steps(local_steps)
     _validate.model(model, memory_size)
@@ -911,10 +952,11 @@ def apts(
             global_value=inf,
             global_grad=jnp.zeros((n,), dtype),
             radius=_strong(jnp.asarray(config.initial_radius, dtype)),
-            local_memory=init_memory(model, n, memory_size, dtype),
-            global_memory=init_memory(model, n, memory_size, dtype),
+            local_memory=init_memory(model, n, memory_size, dtype, options.norm),
+            global_memory=init_memory(model, n, memory_size, dtype, options.norm),
             info=info,
             window=init_window(options, dtype),
+            norm_state=init_norm(options, n, dtype),
         )
 
     def update_fn(
@@ -997,7 +1039,7 @@ def apts(
         outer = OuterState(
             params=x, value=gv, grad=gg, local_value=lv[None], local_grad=lg[None],
             radius=state.radius, local_memory=local_memory, global_memory=state.global_memory,
-            window=state.window,
+            window=state.window, norm_state=state.norm_state,
         )
         out, oinfo = outer_step(
             shard_vg, None, outer,
@@ -1031,6 +1073,7 @@ def apts(
             global_memory=out.global_memory,
             info=info,
             window=out.window,
+            norm_state=out.norm_state,
         )
         delta = out.params - x
         # A state stacked along a checked shard_map axis types its replicated fields (radius,

@@ -39,11 +39,12 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apts_jax import _tree, _validate
+from apts_jax import _tree, _validate, ellipsoid
 from apts_jax._tree import strong as _strong
 from apts_jax.apts_transform import (
     APTSOptions,
     OuterState,
+    init_norm,
     init_window,
     outer_step,
     resolve_options,
@@ -247,6 +248,7 @@ class APTSRunState(NamedTuple):
       num_accepted, num_rejected: APTS steps accepted/rejected so far.
       num_fun_evals: value-and-gradient evaluations per subdomain so far (max over subdomains).
       window: the last accepted global values (``acceptance="nonmonotone"``; None otherwise).
+      norm_state: the ellipsoidal norm's second moment (``norm="adaptive"``; None otherwise).
     """
 
     count: Array
@@ -262,6 +264,7 @@ class APTSRunState(NamedTuple):
     num_rejected: Array
     num_fun_evals: Array
     window: Any = None
+    norm_state: Any = None
 
 
 class OuterStats(NamedTuple):
@@ -308,6 +311,8 @@ def _state_specs(axis: str, model: str, options: APTSOptions) -> APTSRunState:
         radius=rep, local_memory=mem_loc, global_memory=mem_rep, num_accepted=rep,
         num_rejected=rep, num_fun_evals=rep,
         window=rep if options.acceptance == "nonmonotone" else None,
+        norm_state=None if options.norm != "adaptive" else jax.tree.map(
+            lambda _: rep, ellipsoid.DiagNormState(0, 0)),
     )
 
 
@@ -385,7 +390,7 @@ def make_apts(
     def init_body(x: Array, data_blk: Any) -> APTSRunState:
         lv, lg, v, g = evaluate(x, data_blk)
         dtype = spec.dtype
-        mem = init_memory(model, spec.size, memory_size, dtype)
+        mem = init_memory(model, spec.size, memory_size, dtype, options.norm)
         local_mem = None if mem is None else jax.tree.map(
             lambda a: to_varying(jnp.broadcast_to(a, (b,) + a.shape), axis), mem
         )
@@ -395,6 +400,7 @@ def make_apts(
             radius=_strong(jnp.asarray(config.initial_radius, dtype)), local_memory=local_mem,
             global_memory=mem, num_accepted=zero_i, num_rejected=zero_i, num_fun_evals=zero_i + 1,
             window=init_window(options, dtype),
+            norm_state=init_norm(options, spec.size, dtype),
         )
 
     def step_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
-from apts_jax import _tree, _validate, lsr1
+from apts_jax import _tree, _validate, ellipsoid, lsr1
 from apts_jax import radius as radius_lib
 from apts_jax._tree import cast_like as _cast_like
 from apts_jax._tree import strong as _strong
@@ -64,11 +64,21 @@ __all__ = [
 ]
 
 
-def init_memory(model: str, n: int, memory_size: int, dtype: Any) -> LSR1Memory | None:
-    """An empty L-SR1 memory for ``model="sr1"`` (None for ``"first_order"``), strong types."""
+def init_memory(
+    model: str, n: int, memory_size: int, dtype: Any, norm: str = "l2"
+) -> LSR1Memory | ellipsoid.Pairs | None:
+    """An empty L-SR1 memory for ``model="sr1"`` (None for ``"first_order"``), strong types.
+
+    For ``norm="adaptive"`` (the ellipsoidal trust region) the pairs are kept in the original
+    variables, :class:`apts_jax.ellipsoid.Pairs`, and mapped with the current scaling at each
+    solve (see :func:`iteration`).
+    """
     if model != "sr1":
         return None
-    memory = lsr1.init(n, memory_size, dtype=dtype)
+    if norm == "adaptive":
+        memory = ellipsoid.init_pairs(n, memory_size, dtype=dtype)
+    else:
+        memory = lsr1.init(n, memory_size, dtype=dtype)
     return jax.tree.map(_strong, memory)
 
 
@@ -121,13 +131,14 @@ def iteration(
     value: Array,
     grad: Array,
     radius: Array,
-    memory: LSR1Memory | None,
+    memory: LSR1Memory | ellipsoid.Pairs | None,
     *,
     model: str = "sr1",
     config: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     skip_tol: float = 1e-8,
     has_aux: bool = False,
     aux: Any = None,
+    d_half: Array | None = None,
 ) -> IterationResult:
     r"""One trust-region iteration on flat vectors (pure, jit/vmap friendly).
 
@@ -145,6 +156,11 @@ def iteration(
       skip_tol: the SR1 skip-rule tolerance :math:`r` passed to :func:`apts_jax.lsr1.update`.
       has_aux: whether ``value_and_grad_fn`` returns auxiliary data.
       aux: auxiliary data at :math:`x_k` (kept when the step is rejected).
+      d_half: None for the L2 trust region :math:`\|s\| \le \Delta`; else :math:`D^{1/2}`,
+        shape ``(n,)``, positive, for the ellipsoid :math:`\|D^{1/2}s\| \le \Delta`
+        (:mod:`apts_jax.ellipsoid`: OBS in the scaled variables, ``memory`` an
+        :class:`apts_jax.ellipsoid.Pairs`, the skip rule on the scaled pair). ``step_norm`` and
+        the radius are then in the scaled norm.
 
     Returns:
       An :class:`IterationResult`; see the module docstring for the math.
@@ -157,7 +173,20 @@ def iteration(
     if model == "first_order":
         memory = None
 
-    ms = compute_step(model, grad, memory, radius)
+    scaled = None
+    if d_half is None:
+        ms = compute_step(model, grad, memory, radius)
+    else:
+        d_half = _cast_like(d_half, params)
+        if memory is not None:
+            if not isinstance(memory, ellipsoid.Pairs):
+                raise TypeError(
+                    "iteration: with d_half (the ellipsoidal norm) the memory must be "
+                    "apts_jax.ellipsoid.Pairs (tr.init_memory(..., norm='adaptive')), got "
+                    f"{type(memory).__name__}."
+                )
+            scaled = ellipsoid.scaled_memory(memory, d_half)
+        ms = ellipsoid.model_step(model, grad, scaled, radius, d_half)
     trial = params + ms.step
     if has_aux:
         (trial_value, trial_aux), trial_grad = value_and_grad_fn(trial)
@@ -198,7 +227,12 @@ def iteration(
         y_in = jnp.where(offer, y, jnp.zeros_like(y))
         # A zero step is never stored (lsr1.update skips s = 0 and returns the memory unchanged),
         # so no second select over the (n, m) buffers is needed.
-        candidate, stored = lsr1.update(memory, s_in, y_in, skip_tol=skip_tol)
+        if d_half is None:
+            candidate, stored = lsr1.update(memory, s_in, y_in, skip_tol=skip_tol)
+        else:
+            candidate, stored = ellipsoid.update_pairs(
+                memory, s_in, y_in, d_half, scaled=scaled, skip_tol=skip_tol
+            )
         pair_stored = offer & jnp.asarray(stored, bool)
         new_memory = jax.tree.map(_cast_like, candidate, memory)
     else:

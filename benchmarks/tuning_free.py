@@ -395,6 +395,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "all3-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean", "acceptance": "nonmonotone",
                  "nonmonotone_window": 5, "batch_scale": 0.25,
                  "description": "adaptive + mean + non-monotone, minibatches 4x smaller"},
+    "ellipsoid": {**PAPER, "norm": "adaptive", "description": "paper, ellipsoidal (Adam-scaled) norm"},
+    "adaptive-mean-ell-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
+                              "norm": "adaptive", "batch_scale": 0.25,
+                              "description": "adaptive + mean + ellipsoidal norm, minibatches 4x smaller"},
+    "adaptive-mean-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
+                           "batch_scale": 0.0625,
+                           "description": "adaptive boundary + mean combination, minibatches 16x smaller"},
 }
 
 

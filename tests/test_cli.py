@@ -124,7 +124,8 @@ def _check_outputs(out: Path, epochs: int = 1, iterations: int = 2, radius: bool
     "optimizer, extra, radius",
     [
         ("sapts", ["--subdomains", "4", "--devices", "2", "--batch-size", "128"], True),
-        ("apts", ["--subdomains", "2", "--first-order"], True),
+        ("apts", ["--subdomains", "2", "--first-order", "--combine", "mean", "--local-boundary",
+                  "adaptive", "--norm", "adaptive"], True),
         ("tr", ["--batch-size", "128"], True),
         ("adam", ["--batch-size", "64"], False),
         ("sgd", ["--batch-size", "64", "--lr", "0.05"], False),
@@ -139,6 +140,10 @@ def test_train_each_optimizer(tmp_path, data_dir, capsys, optimizer, extra, radi
     _check_outputs(out, radius=radius)
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"] == optimizer
+    if optimizer == "apts":  # the APTS options reach the config (and make_apts)
+        assert (config["combine"], config["local_boundary"], config["norm"]) == (
+            "mean", "adaptive", "adaptive")
+        assert config["preset"] is None and config["acceptance"] is None
     assert config["resolved"]["train_samples"] == N_TRAIN
     assert config["resolved"]["num_params"] == 784 * 16 + 16 + 16 * 10 + 10
     printed = capsys.readouterr().out
@@ -211,6 +216,21 @@ def test_model_choices_match_the_registry():
     assert set(cli.MODEL_CHOICES) == set(MODELS)
 
 
+def test_apts_option_flags_match_the_library():
+    from apts_jax import _validate
+    from apts_jax.app.config import APTS_OPTION_FLAGS, PRESET_CHOICES
+    from apts_jax.apts_transform import PRESETS
+
+    for name, choices in APTS_OPTION_FLAGS.items():
+        assert choices == _validate.APTS_OPTION_CHOICES[name], name
+    assert set(PRESET_CHOICES) == set(PRESETS)
+    cfg = cli.parse_train_args(["--optimizer", "sapts", "--preset", "paper", "--acceptance",
+                                "nonmonotone", "--nonmonotone-window", "3"])
+    assert cfg.apts_options() == {"preset": "paper", "acceptance": "nonmonotone",
+                                  "nonmonotone_window": 3}
+    assert cli.parse_train_args(["--optimizer", "sapts"]).apts_options() == {}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -226,6 +246,9 @@ def test_model_choices_match_the_registry():
         (["--resume"], "--resume needs --out"),
         (["--model", "cnn", "--hidden", "8"], "--hidden builds a custom MLP"),
         (["--batch-size", "abc"], "expected an integer"),
+        (["--optimizer", "adam", "--combine", "mean"], "--combine: APTS options"),
+        (["--norm", "linf"], "invalid choice: 'linf'"),
+        (["--nonmonotone-window", "3"], "needs --acceptance nonmonotone"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):

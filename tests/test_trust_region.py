@@ -160,6 +160,81 @@ def test_iteration_rejects_zero_gradient_without_nan():
     assert all(not np.any(np.isnan(v)) for v in leaves if np.issubdtype(v.dtype, np.floating))
 
 
+def _quadratic(n, seed, dtype):
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    a = (q * np.logspace(-1, 1, n)) @ q.T
+    b = rng.normal(size=n)
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+    def vg(x):
+        return 0.5 * x @ a @ x + b @ x, a @ x + b
+
+    return vg, rng
+
+
+def _run_iterations(vg, x, d_half, memory, steps, radius=0.3):
+    run = jax.jit(functools.partial(iteration, vg, model="sr1"))
+    value, grad = vg(x)
+    out = []
+    for _ in range(steps):
+        res = run(x, value, grad, radius, memory, d_half=d_half)
+        x, value, grad, radius, memory = res.params, res.value, res.grad, res.radius, res.memory
+        out.append(res)
+    return out
+
+
+def test_iteration_with_unit_ellipsoid_is_the_l2_iteration(precision):
+    """``d_half = 1`` (D = I) with unscaled pairs (ellipsoid.Pairs) reproduces the L2 iteration."""
+    from apts_jax import ellipsoid
+
+    vg, _ = _quadratic(12, 0, precision)
+    x0 = jnp.zeros(12, precision)
+    l2 = _run_iterations(vg, x0, None, lsr1.init(12, 4, dtype=precision), 6)
+    ell = _run_iterations(vg, x0, jnp.ones(12, precision), ellipsoid.init_pairs(12, 4, precision), 6)
+    rtol = 1e-5 if precision == jnp.float32 else 1e-12
+    for a, b in zip(l2, ell, strict=True):
+        np.testing.assert_allclose(np.asarray(b.params), np.asarray(a.params), rtol=rtol, atol=rtol)
+        assert float(a.radius) == float(b.radius) and bool(a.accepted) == bool(b.accepted)
+        assert bool(a.pair_stored) == bool(b.pair_stored)
+        # Pairs drop badly conditioned columns when next mapped (ellipsoid.scaled_memory), the L2
+        # memory when it stores: compare the memories that the next solve uses.
+        used = ellipsoid.scaled_memory(b.memory, jnp.ones(12, precision))
+        np.testing.assert_array_equal(np.asarray(used.mask), np.asarray(a.memory.mask))
+        np.testing.assert_allclose(float(used.gamma), float(a.memory.gamma), rtol=10 * rtol)
+    assert sum(bool(r.pair_stored) for r in l2) >= 3  # the memory was exercised
+
+
+def test_iteration_ellipsoid_first_step_closed_form(precision):
+    """Empty memory (B^ = I): u = -g^ min(1, Delta/||g^||), g^ = D^{-1/2} g, s = D^{-1/2} u; the
+    reported step norm is ||D^{1/2} s|| and the stored pair is (s, y) in the original variables."""
+    from apts_jax import ellipsoid
+
+    vg, rng = _quadratic(10, 1, precision)
+    d_half = jnp.asarray(rng.uniform(0.3, 3.0, size=10), precision)
+    x0 = jnp.asarray(rng.normal(size=10), precision)
+    g = np.asarray(vg(x0)[1], np.float64)
+    dh = np.asarray(d_half, np.float64)
+    rtol = 2e-5 if precision == jnp.float32 else 1e-12
+    for radius in (0.05, 100.0):  # on the boundary / interior (the Newton step)
+        res = _run_iterations(vg, x0, d_half, ellipsoid.init_pairs(10, 3, precision), 1,
+                              radius=radius)[0]
+        g_hat = g / dh
+        u = -g_hat * min(1.0, radius / np.linalg.norm(g_hat))
+        want = u / dh
+        assert bool(res.pair_stored)  # the trial step, accepted or not, is the newest pair
+        step = np.asarray(res.memory.s[:, -1])
+        np.testing.assert_allclose(step, want, rtol=rtol, atol=rtol * np.max(np.abs(want)))
+        if bool(res.accepted):
+            np.testing.assert_allclose(np.asarray(res.update), step)
+        np.testing.assert_allclose(float(res.step_norm), np.linalg.norm(u), rtol=rtol)
+        np.testing.assert_allclose(float(res.predicted_decrease), -(g_hat @ u + 0.5 * u @ u),
+                                   rtol=10 * rtol)
+    with pytest.raises(TypeError, match="ellipsoid.Pairs"):
+        iteration(vg, x0, 0.0, jnp.asarray(g, precision), 0.1, lsr1.init(10, 3, dtype=precision),
+                  d_half=d_half)
+
+
 def test_iteration_rejects_uphill_model_step():
     """A (wrong) gradient that makes the step go uphill: predicted > 0, actual < 0 -> rejected."""
 

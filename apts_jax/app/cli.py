@@ -21,12 +21,14 @@ import sys
 from collections.abc import Sequence
 
 from apts_jax.app.config import (
+    APTS_OPTION_FLAGS,
     DATASET_CHOICES,
     DEFAULT_JOB_DOC,
     DEFAULTS,
     FULL_BATCH,
     MODEL_CHOICES,
     OPTIMIZER_CHOICES,
+    PRESET_CHOICES,
     RESUME_MAY_CHANGE,
     SUBDOMAIN_METHODS,
     TrainConfig,
@@ -128,6 +130,23 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                        help="first-order trust-region model (steepest descent to the boundary)")
     g.add_argument("--memory", type=_positive_int, default=d["memory"], metavar="M",
                    help="L-SR1 memory size (L-BFGS memory for lbfgs; default %(default)s)")
+    g.add_argument("--preset", choices=PRESET_CHOICES, default=None,
+                   help="apts/sapts: 'paper' runs the paper's Algorithm 1 exactly (the options "
+                        "below then change single choices of it)")
+    g.add_argument("--local-boundary", choices=APTS_OPTION_FLAGS["local_boundary"], default=None,
+                   help="apts/sapts: 'ball' caps the local radius at Delta/N (paper); 'adaptive' "
+                        "lets it adapt up to max_radius/N (the authors' code)")
+    g.add_argument("--combine", choices=APTS_OPTION_FLAGS["combine"], default=None,
+                   help="apts/sapts: 'sum' of the local steps with local radius Delta/N (paper) "
+                        "or their 'mean' with local radius Delta")
+    g.add_argument("--acceptance", choices=APTS_OPTION_FLAGS["acceptance"], default=None,
+                   help="apts/sapts: 'monotone' ratio test (paper) or 'nonmonotone' against the "
+                        "maximum of the last --nonmonotone-window accepted values")
+    g.add_argument("--nonmonotone-window", type=_positive_int, default=None, metavar="W",
+                   help="window of --acceptance nonmonotone (default 5)")
+    g.add_argument("--norm", choices=APTS_OPTION_FLAGS["norm"], default=None,
+                   help="apts/sapts: trust-region norm, 'l2' (paper) or the ellipsoidal "
+                        "'adaptive' norm scaled by Adam's second moment")
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate of adam (default 1e-3) / sgd (default 0.01)")
     g.add_argument("--momentum", type=_fraction, default=None,
@@ -222,6 +241,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--lr: {opt} chooses its own step sizes; --lr is for adam and sgd")
     if args.momentum is not None and opt != "sgd":
         parser.error("--momentum is for --optimizer sgd")
+    given = [k for k in ("preset", *APTS_OPTION_FLAGS, "nonmonotone_window")
+             if getattr(args, k) is not None]
+    if given and opt not in SUBDOMAIN_METHODS:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        parser.error(f"{flags}: APTS options, for --optimizer apts or sapts (not {opt})")
+    if args.nonmonotone_window is not None and args.acceptance != "nonmonotone":
+        parser.error("--nonmonotone-window needs --acceptance nonmonotone")
     if args.hidden and args.model != "mlp":
         parser.error(
             f"--hidden builds a custom MLP; it cannot be combined with --model {args.model}"

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "APTS_OPTION_FLAGS",
     "DATASET_CHOICES",
     "DEFAULTS",
     "DEFAULT_JOB_DOC",
     "FULL_BATCH",
     "MODEL_CHOICES",
     "OPTIMIZER_CHOICES",
+    "PRESET_CHOICES",
     "RESUME_MAY_CHANGE",
     "SUBDOMAIN_METHODS",
     "TrainConfig",
@@ -35,6 +37,17 @@ DATASET_CHOICES = ("fashion_mnist", "mnist", "cifar10")
 # checks that they agree).
 MODEL_CHOICES = ("mlp", "mlp_mnist", "mlp_cifar", "cnn")
 OPTIMIZER_CHOICES = ("apts", "sapts", "tr", "adam", "sgd", "lbfgs")
+#: The APTS options of issue 11 (flag -> choices), mirroring
+#: apts_jax._validate.APTS_OPTION_CHOICES (kept literal so that ``--help`` does not import JAX; a
+#: test checks that they agree). None (the flag's default) keeps the library's default.
+APTS_OPTION_FLAGS: dict[str, tuple[str, ...]] = {
+    "local_boundary": ("ball", "adaptive"),
+    "combine": ("sum", "mean"),
+    "acceptance": ("monotone", "nonmonotone"),
+    "norm": ("l2", "adaptive"),
+}
+PRESET_CHOICES = ("paper",)
+
 #: Optimizers that always use the whole (subset) training set per iteration.
 FULL_BATCH = ("apts", "lbfgs")
 #: Optimizers that run on subdomains.
@@ -104,6 +117,18 @@ class TrainConfig:
     resume: bool
     progress: bool | None
     plots: bool
+    # APTS/SAPTS options (issue 11); None keeps the library's default (apts_jax.DEFAULT_OPTIONS).
+    preset: str | None = None
+    local_boundary: str | None = None
+    combine: str | None = None
+    acceptance: str | None = None
+    nonmonotone_window: int | None = None
+    norm: str | None = None
+
+    def apts_options(self) -> dict[str, Any]:
+        """The APTS option keywords given (for :func:`apts_jax.parallel.make_apts`)."""
+        names = ("preset", "local_boundary", "combine", "acceptance", "nonmonotone_window", "norm")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     @property
     def tr_model(self) -> str:

@@ -74,7 +74,7 @@ def apts_method(cfg: TrainConfig, problem: Problem) -> Method:
 
     layout = subdomain_layout(cfg.subdomains, cfg.devices)
     prog = make_apts(problem.loss_fn, problem.params0, layout, local_steps=cfg.local_steps,
-                     model=cfg.tr_model, memory_size=cfg.memory)
+                     model=cfg.tr_model, memory_size=cfg.memory, **cfg.apts_options())
     n_train, N = problem.num_train, cfg.subdomains
     where = f"{N} subdomains on {cfg.devices} device(s)"
     if cfg.optimizer == "apts":
