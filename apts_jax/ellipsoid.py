@@ -11,7 +11,8 @@ Method*) is replaced by the ellipsoid
 with :math:`\hat v` Adam's bias-corrected second moment, :math:`v_t = \beta_2 v_{t-1} +
 (1 - \beta_2) g_t^2`, :math:`\hat v_t = v_t / (1 - \beta_2^t)` — the adaptive-norm trust region of
 Kohler, Adolphs & Lucchi, *Adaptive norms for deep learning with regularized Newton methods*,
-arXiv:1905.09201 (issue 11, option 3).
+arXiv:1905.09201 (issue 11, option 3). APTS uses it with ``norm="adaptive"``
+(:class:`apts_jax.APTSOptions`; :func:`apts_jax.tr.iteration` takes ``d_half``).
 
 **Scaled variables.** With :math:`u = D^{1/2} s` the subproblem
 :math:`\min g^\top s + \tfrac12 s^\top B s`, :math:`\|D^{1/2}s\| \le \Delta` becomes the L2 problem

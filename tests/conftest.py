@@ -3,15 +3,35 @@
 The test session simulates 8 CPU devices (for the data-parallel APTS tests). This must happen
 before JAX initialises its backends, hence the config update at the very top of this file, which
 pytest imports before any test module.
+
+Compilation cache: most of the suite's time is XLA compilation, and many tests compile the same
+programs (the same loss, shapes and options in different tests, or in the subprocesses of the CLI,
+benchmark and notebook tests). The session therefore uses JAX's persistent compilation cache in a
+fresh temporary folder (``JAX_COMPILATION_CACHE_DIR``, inherited by the pytest-xdist workers and by
+subprocesses, removed at the end), so a session starts from nothing and never reads another
+session's executables. ``APTS_TEST_COMPILATION_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
 
-import jax
+import os
+import shutil
+import tempfile
+
+_OWN_CACHE = None
+if os.environ.get("APTS_TEST_COMPILATION_CACHE", "1") != "0" and not os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR"
+):
+    # The pytest process (or the xdist controller, which loads this file before it starts the
+    # workers) creates the folder; workers and subprocesses inherit the variables.
+    _OWN_CACHE = tempfile.mkdtemp(prefix="apts-jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import os  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
 
@@ -68,3 +88,9 @@ def make_rng(*parts) -> np.random.Generator:
 def rng(request) -> np.random.Generator:
     """numpy Generator seeded from the test's node id: deterministic and different per test."""
     return make_rng(request.node.nodeid)
+
+
+def pytest_unconfigure(config):
+    """Remove this session's compilation cache (only the process that created it does)."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

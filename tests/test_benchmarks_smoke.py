@@ -16,6 +16,7 @@ import apts_jax.obs  # noqa: F401  (a broken package must fail here, not skip)
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "obs_cost.py"
 
 
+@pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_obs_cost_quick_writes_schema(tmp_path: Path) -> None:
     out = tmp_path / "obs_cost.json"
     env = {**os.environ, "JAX_ENABLE_X64": "0", "JAX_PLATFORMS": "cpu"}
@@ -82,6 +83,7 @@ def _run_quick(script: str, out: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_communication_quick_writes_schema(tmp_path: Path) -> None:
     pytest.importorskip("apts_jax.hlo")
     out = tmp_path / "communication.json"
@@ -112,6 +114,7 @@ def test_communication_quick_writes_schema(tmp_path: Path) -> None:
         assert all(c[1] <= n_params + 1 for c in it["collectives"])
 
 
+@pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_overhead_quick_writes_schema(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     proc = _run_quick("overhead.py", out)

@@ -104,6 +104,7 @@ def test_quickstart(kernel):
     assert images(nb) >= 1
 
 
+@pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_apts_devices(kernel):
     nb = execute("apts_devices.ipynb", kernel)
     text = outputs_text(nb)
