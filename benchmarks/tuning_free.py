@@ -1195,11 +1195,17 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append("")
         sel = ps["selection"]
         if sel["groups"]:
+            names = sorted({p for v in sel["groups"].values() for p in v["problems"]})
             lines += ["### Selection: worst gap to the best Adam over the problems", "",
-                      "| configuration (group) | worst problem | worst gap | in tolerances | "
-                      "problems |", "| --- | --- | ---: | ---: | ---: |"]
+                      "Gap per problem (pp of accuracy, or % of the best Adam's MSE; negative = "
+                      "worse), the worst one, and the worst in units of the problem's tolerance "
+                      "(0.3 pp or 2 %), the selection criterion; `-` = not run.", "",
+                      "| configuration (group) | " + " | ".join(names)
+                      + " | worst problem | worst gap | in tolerances | problems |",
+                      "| --- | " + " | ".join("---:" for _ in names) + " | --- | ---: | ---: | ---: |"]
             for g, v in sorted(sel["groups"].items(), key=lambda e: -e[1]["worst_gap_in_tolerances"]):
-                lines.append(f"| {g} | {v['worst_problem']} | {v['worst_gap']:+.2f} | "
+                per = " | ".join(_f(v["gaps"].get(p), "+.2f") for p in names)
+                lines.append(f"| {g} | {per} | {v['worst_problem']} | {v['worst_gap']:+.2f} | "
                              f"{v['worst_gap_in_tolerances']:+.1f} | {len(v['problems'])} |")
             lines.append("")
     return "\n".join(lines)

@@ -286,7 +286,7 @@ def test_mean_first_order_single_step_has_ratio_exactly_one(x64):
     np.testing.assert_allclose(float(info.actual_decrease), f - f1, rtol=1e-9)
 
 
-@pytest.mark.parametrize("boundary", ["ball", "adaptive"])
+@pytest.mark.parametrize("boundary", ["ball", pytest.param("adaptive", marks=pytest.mark.slow)])
 def test_mean_ratio_tends_to_one_as_radius_shrinks(x64, boundary):
     """L-SR1 local phases (memories filled by three outer iterations), nu = 5: |rho - 1| =
     O(Delta) for the averaged step."""

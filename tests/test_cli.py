@@ -164,6 +164,7 @@ def test_sapts_layout_is_recorded(tmp_path, data_dir):
     assert not (out / "loss.png").exists()
 
 
+@pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_entry_point_subprocess(tmp_path, data_dir):
     """``python -m apts_jax train`` in a fresh interpreter, with --devices simulating 2 CPUs."""
     out = tmp_path / "run"

@@ -131,6 +131,7 @@ def check_summary(summary: dict, epochs: int) -> None:
     assert best_group["ratio_to_adam_grid"] == pytest.approx(t / grid)
 
 
+@pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_quick_paper_protocol_schema_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "paper"
     epochs = 2

@@ -103,8 +103,8 @@ def trajectory(num_subdomains, devices, model, check_vma=True):
 
 LAYOUT_CASES = [  # (N, D) compared with (N, reference D)
     ((4, 2), (4, 1)),
-    ((4, 4), (4, 1)),
-    pytest.param((8, 4), (8, 2), marks=pytest.mark.slow),  # CI time (issue 9): run with -m slow
+    pytest.param((4, 4), (4, 1), marks=pytest.mark.slow),  # CI time (issue 9): run with -m slow
+    pytest.param((8, 4), (8, 2), marks=pytest.mark.slow),
 ]
 
 
