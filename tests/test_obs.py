@@ -357,7 +357,10 @@ def _random_set(shapes, total, tag, max_scaled_cond=None):
     return problems
 
 
-@BOTH
+# float64 with the CPU default in CI; the other variant is slow (CI time, issue 9), and both
+# variants run the float32 sample in CI.
+@pytest.mark.parametrize("straight_line", [DEFAULT, pytest.param(OTHER, marks=pytest.mark.slow)],
+                         ids=[VARIANT_NAMES[DEFAULT], VARIANT_NAMES[OTHER]])
 def test_random_problems_float64(x64, straight_line):
     problems = _random_set(SHAPES64, N_RANDOM64, "rand64")
     assert len(problems) >= 2000

@@ -176,6 +176,9 @@ def _quadratic(n, seed, dtype):
 def _run_iterations(vg, x, d_half, memory, steps, radius=0.3):
     run = jax.jit(functools.partial(iteration, vg, model="sr1"))
     value, grad = vg(x)
+    # strong-typed arrays from the start: one compilation for all the steps
+    radius = jnp.asarray(radius, x.dtype)
+    memory = jax.tree.map(lambda a: jnp.asarray(a, a.dtype), memory)
     out = []
     for _ in range(steps):
         res = run(x, value, grad, radius, memory, d_half=d_half)
@@ -193,13 +196,14 @@ def test_iteration_with_unit_ellipsoid_is_the_l2_iteration(precision):
     l2 = _run_iterations(vg, x0, None, lsr1.init(12, 4, dtype=precision), 6)
     ell = _run_iterations(vg, x0, jnp.ones(12, precision), ellipsoid.init_pairs(12, 4, precision), 6)
     rtol = 1e-5 if precision == jnp.float32 else 1e-12
+    scaled_memory = jax.jit(ellipsoid.scaled_memory)
     for a, b in zip(l2, ell, strict=True):
         np.testing.assert_allclose(np.asarray(b.params), np.asarray(a.params), rtol=rtol, atol=rtol)
         assert float(a.radius) == float(b.radius) and bool(a.accepted) == bool(b.accepted)
         assert bool(a.pair_stored) == bool(b.pair_stored)
         # Pairs drop badly conditioned columns when next mapped (ellipsoid.scaled_memory), the L2
         # memory when it stores: compare the memories that the next solve uses.
-        used = ellipsoid.scaled_memory(b.memory, jnp.ones(12, precision))
+        used = scaled_memory(b.memory, jnp.ones(12, precision))
         np.testing.assert_array_equal(np.asarray(used.mask), np.asarray(a.memory.mask))
         np.testing.assert_allclose(float(used.gamma), float(a.memory.gamma), rtol=10 * rtol)
     assert sum(bool(r.pair_stored) for r in l2) >= 3  # the memory was exercised
