@@ -4,9 +4,10 @@ The test session simulates 8 CPU devices (for the data-parallel APTS tests). Thi
 before JAX initialises its backends, hence the config update at the very top of this file, which
 pytest imports before any test module.
 
-Compilation cache: most of the suite's time is XLA compilation, and many tests compile the same
-programs (the same loss, shapes and options in different tests, or in the subprocesses of the CLI,
-benchmark and notebook tests). The session therefore uses JAX's persistent compilation cache in a
+Compilation cache: most of the suite's time is XLA compilation, and some tests compile the same
+programs again (e.g. the three CLI runs of the checkpoint test, each in a fresh closure, which
+jit's in-memory cache does not share; hit rates were not measured). The session therefore uses
+JAX's persistent compilation cache in a
 fresh temporary folder (``JAX_COMPILATION_CACHE_DIR``, inherited by the pytest-xdist workers and by
 subprocesses, removed at the end), so a session starts from nothing and never reads another
 session's executables. ``APTS_TEST_COMPILATION_CACHE=0`` turns it off.
