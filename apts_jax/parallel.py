@@ -311,8 +311,7 @@ def _state_specs(axis: str, model: str, options: APTSOptions) -> APTSRunState:
         radius=rep, local_memory=mem_loc, global_memory=mem_rep, num_accepted=rep,
         num_rejected=rep, num_fun_evals=rep,
         window=rep if options.acceptance == "nonmonotone" else None,
-        norm_state=None if options.norm != "adaptive" else jax.tree.map(
-            lambda _: rep, ellipsoid.DiagNormState(0, 0)),
+        norm_state=ellipsoid.DiagNormState(rep, rep) if options.norm == "adaptive" else None,
     )
 
 

@@ -175,6 +175,12 @@ def iteration(
 
     scaled = None
     if d_half is None:
+        if isinstance(memory, ellipsoid.Pairs):
+            raise TypeError(
+                "iteration: memory is apts_jax.ellipsoid.Pairs (the ellipsoidal norm's unscaled "
+                "pairs) but d_half is None; pass d_half=D^{1/2}, or use an L2 memory "
+                "(tr.init_memory(..., norm='l2'))."
+            )
         ms = compute_step(model, grad, memory, radius)
     else:
         d_half = _cast_like(d_half, params)

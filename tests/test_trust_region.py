@@ -237,6 +237,9 @@ def test_iteration_ellipsoid_first_step_closed_form(precision):
     with pytest.raises(TypeError, match="ellipsoid.Pairs"):
         iteration(vg, x0, 0.0, jnp.asarray(g, precision), 0.1, lsr1.init(10, 3, dtype=precision),
                   d_half=d_half)
+    with pytest.raises(TypeError, match="d_half is None"):
+        iteration(vg, x0, 0.0, jnp.asarray(g, precision), 0.1,
+                  ellipsoid.init_pairs(10, 3, precision))
 
 
 def test_iteration_rejects_uphill_model_step():
