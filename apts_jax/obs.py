@@ -399,22 +399,26 @@ def newton(sec: Secular, radius: Array | float, iterations: int = NEWTON_ITERATI
     """``iterations`` unrolled Newton steps on ``phi(t) = 1/||p(t)|| - 1/Delta`` from ``t_start``.
 
     ``phi`` is increasing and concave, so Newton from the left of the root increases ``t``
-    monotonically to the root; a step is frozen (no change) once ``| ||p|| - Delta | <= 4 eps Delta``
-    or the update is below ``eps t``, or outside the boundary case. No ``while`` loop: the trip count
-    is static.
+    monotonically to the root, and at the root it stays there (to rounding): the steps need no
+    freezing once converged. Convergence (``| ||p|| - Delta | <= 4 eps Delta``, an update below
+    ``eps t``, or a non-finite ``phi``) is only recorded, per step, for the diagnostics. No ``while``
+    loop: the trip count is static.
+
+    The iterates carry no "done" flag on purpose: a flag chained through the unrolled steps is a
+    chain of scalar selects that XLA's fusion copies into every later step (quadratic program size,
+    measured by ``benchmarks/compile_cost.py``).
 
     Returns:
       ``(t, steps, converged)``: the root (0 outside the boundary case), the number of steps taken
-      before convergence, and whether the convergence test was met.
+      up to the first one that met the convergence test (``iterations`` if none did), and whether
+      any step met it.
     """
     ct = sec.d.dtype
     eps_ct = float(jnp.finfo(ct).eps)
     delta = jnp.asarray(radius, ct)
     a2 = jnp.where(sec.active, sec.a**2, 0.0)
-    t = sec.t_start
-    done = ~sec.boundary
-    steps = jnp.zeros((), jnp.int32)
-    t, done, steps = match_vma((t, done, steps), t, a2)
+    t = match_vma(sec.t_start, a2)
+    conv = []
     for _ in range(iterations):
         den = jnp.where(sec.active, sec.d + t, 1.0)
         n2 = jnp.sum(a2 / den**2)
@@ -423,14 +427,16 @@ def newton(sec: Secular, radius: Array | float, iterations: int = NEWTON_ITERATI
         phi = 1.0 / norm - 1.0 / delta
         dphi = n3 / (norm * n2)
         t_new = jnp.maximum(t - phi / dphi, 0.0)
-        converged = (jnp.abs(norm - delta) <= 4.0 * eps_ct * delta) | (
+        conv.append((jnp.abs(norm - delta) <= 4.0 * eps_ct * delta) | (
             jnp.abs(t_new - t) <= eps_ct * jnp.maximum(t, 1e-300)
-        ) | ~jnp.isfinite(phi)
-        t_new = jnp.where(jnp.isfinite(t_new), t_new, t)
-        steps = steps + (~done).astype(jnp.int32)
-        t = jnp.where(done, t, t_new)
-        done = done | converged
-    return jnp.where(sec.boundary, t, 0.0), jnp.where(sec.boundary, steps, 0), done
+        ) | ~jnp.isfinite(phi))
+        t = jnp.where(jnp.isfinite(t_new), t_new, t)
+    hits = jnp.stack(conv)
+    converged = jnp.any(hits)
+    steps = jnp.where(converged, jnp.argmax(hits).astype(jnp.int32) + 1, iterations)
+    boundary = sec.boundary
+    return (jnp.where(boundary, t, 0.0), jnp.where(boundary, steps, 0).astype(jnp.int32),
+            converged | ~boundary)
 
 
 # ---------------------------------------------------------------------------------------------
