@@ -32,7 +32,8 @@ Methods:
   compilation per problem and batch size, shared by all learning rates and seeds: the learning
   rate is an argument);
 * **APTS/SAPTS configurations** (:data:`CONFIGS`): each a dict of runner keys (:data:`RUNNER_KEYS`:
-  ``stochastic``, ``batch_size`` / ``batch_scale``, ``overlap``, ``subdomain_overlap``,
+  ``stochastic``, ``batch_size`` / ``batch_scale`` / ``min_batch`` (the minibatch is
+  ``max(min_batch, batch_size * batch_scale)``), ``overlap``, ``subdomain_overlap``,
   ``num_subdomains``, ``iterations_per_epoch``) and keyword arguments of
   :func:`apts_jax.parallel.make_apts` (every other key goes there unchanged, so a new library
   option is one new entry; unknown keys are rejected before any run starts). SAPTS
@@ -362,7 +363,8 @@ def _problem_data(name: str) -> ProblemData:
 # ----------------------------------------------------------------------------------------------
 
 #: Keys a configuration may hold that the runner consumes; every other key goes to ``make_apts``.
-RUNNER_KEYS = frozenset({"stochastic", "batch_size", "batch_scale", "overlap", "subdomain_overlap",
+RUNNER_KEYS = frozenset({"stochastic", "batch_size", "batch_scale", "min_batch", "overlap",
+                         "subdomain_overlap",
                          "num_subdomains", "iterations_per_epoch", "description"})
 
 #: The paper's method as ``paper.py`` ran it: SAPTS, batch 10,000 (the problem's APTS batch),
@@ -402,6 +404,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "adaptive-mean-ell-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
                                "norm": "adaptive", "batch_scale": 0.0625,
                                "description": "adaptive + mean + ellipsoidal norm, minibatches 16x smaller"},
+    "adaptive-mean-ell-b16x-min256": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
+                                      "norm": "adaptive", "batch_scale": 0.0625, "min_batch": 256,
+                                      "description": "adaptive + mean + ellipsoidal norm, minibatches "
+                                                     "16x smaller but at least 256 samples"},
+    "adaptive-mean-ell-bs256": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
+                                "norm": "adaptive", "batch_size": 256,
+                                "description": "adaptive + mean + ellipsoidal norm, minibatch 256"},
     "adaptive-mean-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
                            "batch_scale": 0.0625,
                            "description": "adaptive boundary + mean combination, minibatches 16x smaller"},
@@ -439,6 +448,7 @@ def config_batch(cfg: Mapping[str, Any], problem: ProblemSpec) -> int | None:
         return None
     b = cfg.get("batch_size") or problem.apts_batch
     b = int(round(b * float(cfg.get("batch_scale", 1.0))))
+    b = max(b, int(cfg.get("min_batch", 1)))
     m = math.lcm(*[int(n) for n in _as_tuple(cfg.get("num_subdomains", (1,)))])
     return max(m, b - b % m)
 
