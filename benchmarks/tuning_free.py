@@ -411,6 +411,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "adaptive-mean-ell-bs256": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
                                 "norm": "adaptive", "batch_size": 256,
                                 "description": "adaptive + mean + ellipsoidal norm, minibatch 256"},
+    "fo-adaptive-mean-ell-b16x-min256": {
+        **PAPER, "model": "first_order", "local_boundary": "adaptive", "combine": "mean",
+        "norm": "adaptive", "batch_scale": 0.0625, "min_batch": 256,
+        "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
+                       "smaller but at least 256 samples"},
     "adaptive-mean-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
                            "batch_scale": 0.0625,
                            "description": "adaptive boundary + mean combination, minibatches 16x smaller"},
