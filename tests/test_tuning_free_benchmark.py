@@ -79,6 +79,10 @@ def test_plan_counts_names_and_rejects_unknown_keys(tiny: None) -> None:
                 config_table={"bad": {**TINY_CONFIG, "no_such_option": 1}})
     runner, kwargs = tf.split_config({**TINY_CONFIG, "batch_scale": 0.5})
     assert runner["batch_scale"] == 0.5 and kwargs["local_steps"] == 2 and "batch_size" not in kwargs
+    # The minibatch: max(min_batch, problem batch x batch_scale), a multiple of the largest N.
+    p = tf.plan(["fmnist_small", "fmnist_mlp"], ["adaptive-mean-ell-b16x-min256"], [0],
+                screen=True, methods=["apts"])
+    assert {(s.problem, s.batch_size) for s in p} == {("fmnist_small", 256), ("fmnist_mlp", 624)}
 
 
 def test_run_resume_and_summary_end_to_end(tiny: None, tmp_path: Path,
