@@ -33,7 +33,8 @@ Methods:
   rate is an argument);
 * **APTS/SAPTS configurations** (:data:`CONFIGS`): each a dict of runner keys (:data:`RUNNER_KEYS`:
   ``stochastic``, ``batch_size`` / ``batch_scale`` / ``min_batch`` (the minibatch is
-  ``max(min_batch, batch_size * batch_scale)``), ``overlap``, ``subdomain_overlap``,
+  ``max(min_batch, (batch_size or the problem's APTS batch) * batch_scale)``), ``overlap``,
+  ``subdomain_overlap``,
   ``num_subdomains``, ``iterations_per_epoch``) and keyword arguments of
   :func:`apts_jax.parallel.make_apts` (every other key goes there unchanged, so a new library
   option is one new entry; unknown keys are rejected before any run starts). SAPTS
@@ -416,6 +417,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "norm": "adaptive", "batch_scale": 0.0625, "min_batch": 256,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
                        "smaller but at least 256 samples"},
+    "fo-adaptive-mean-ell-bs256": {
+        **PAPER, "model": "first_order", "local_boundary": "adaptive", "combine": "mean",
+        "norm": "adaptive", "batch_size": 256,
+        "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatch 256"},
     "adaptive-mean-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
                            "batch_scale": 0.0625,
                            "description": "adaptive boundary + mean combination, minibatches 16x smaller"},

@@ -53,7 +53,7 @@ if os.environ.get("APTS_TEST_OPTIMIZED", "0") != "1":
     if "xla_backend_optimization_level" not in _flags:
         _flags += " --xla_backend_optimization_level=0"
     # jaxlib 0.10's XLA can still use its older (non-MLIR) CPU fusion emitters, which compile an
-    # L-SR1 make_apts step about 1.7x faster at -O0 (2.6 s -> 1.5 s, to the same result;
+    # L-SR1 make_apts step about 1.7x faster at -O0 (2.9 s -> 1.7 s, to the same result;
     # benchmarks/compile_cost.py). The flag is gone in 0.12 (unknown XLA flags abort the
     # process), so it is set only for jaxlib < 0.11.
     if "xla_cpu_use_fusion_emitters" not in _flags and _jaxlib_before(0, 11):
