@@ -38,7 +38,9 @@ def plot_protocol(ps: dict[str, Any], path: Path, title: str = "") -> Path | Non
             m, sd = v["final_metric_mean"] * scale, (v["final_metric_std"] or 0.0) * scale
             c = cmap(k % 10)
             k += 1
-            ax.axhline(m, color=c, lw=1.5, label=f"{g} ({v['reached']} reach target)")
+            # No Adam runs on this problem yet (so no target): no "reached" count.
+            reached = f" ({v['reached']} reach target)" if "reached" in v else ""
+            ax.axhline(m, color=c, lw=1.5, label=f"{g}{reached}")
             if sd:
                 ax.axhspan(m - sd, m + sd, color=c, alpha=0.12)
         if s.get("target") is not None:

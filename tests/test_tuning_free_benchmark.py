@@ -183,3 +183,17 @@ def test_summary_statistics_against_hand_computation(tmp_path: Path) -> None:
     assert sel["worst_gap_in_tolerances"] == pytest.approx(-2.5)
     assert res["selection"]["configs"]["cfg"]["group"] == "cfg-N2"
     assert not math.isnan(res["problems"]["fmnist_mlp"]["adam_grid_train_time_s"])
+
+
+def test_plot_handles_a_problem_without_adam_runs(tmp_path: Path) -> None:
+    """A problem with APTS runs but no Adam grid yet (no target, no "reached" count) still plots
+    (it raised KeyError before)."""
+    pytest.importorskip("matplotlib")
+    import plot_tuning_free
+
+    ps = {"screen": False, "problems": {"p": {
+        "higher_is_better": True, "num_runs": 3, "target": None, "adam_per_batch": {},
+        "groups": {"cfg-N2": {"method": "apts", "final_metric_mean": 0.87,
+                              "final_metric_std": 0.006}}}}}
+    out = plot_tuning_free.plot_protocol(ps, tmp_path / "p.png", "full")
+    assert out is not None and out.exists() and out.stat().st_size > 0
