@@ -15,7 +15,8 @@ Usage: ``python benchmarks/compile_cost.py [--repeats 3] [--out FILE]`` (default
 (``tests/conftest.py``), run it with ``XLA_FLAGS="--xla_backend_optimization_level=0
 --xla_cpu_use_fusion_emitters=false"`` on jaxlib 0.10 (the committed ``compile_cost.json``) and
 with ``XLA_FLAGS=--xla_backend_optimization_level=0`` on jaxlib >= 0.11, which no longer has the
-second flag (``compile_cost_jax012.json``). The flags used are recorded in the result file.
+second flag (``compile_cost_jax012.json``); ``compile_cost_jax010_o0.json`` is jaxlib 0.10 with
+the first flag only. The flags used are recorded in each result file.
 """
 
 from __future__ import annotations
