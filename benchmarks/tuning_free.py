@@ -378,6 +378,12 @@ PAPER: dict[str, Any] = {
     "preset": "paper",
 }
 
+#: Shared bases of the issue-11 combinations: the authors' local boundary + mean combination, then
+#: + the ellipsoidal norm, then + the first-order model.
+_AM: dict[str, Any] = {**PAPER, "local_boundary": "adaptive", "combine": "mean"}
+_AME: dict[str, Any] = {**_AM, "norm": "adaptive"}
+_FO_AME: dict[str, Any] = {**_AME, "model": "first_order"}
+
 #: Named configurations. Add one entry per ablation (e.g. ``{**PAPER, "local_boundary": ...}``).
 CONFIGS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
@@ -391,39 +397,30 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mean": {**PAPER, "combine": "mean", "description": "paper, mean of local steps, local radius Delta"},
     "nonmono": {**PAPER, "acceptance": "nonmonotone", "nonmonotone_window": 5,
                 "description": "paper, non-monotone acceptance (window 5)"},
-    "adaptive-mean": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
-                      "description": "adaptive boundary + mean combination"},
-    "adaptive-mean-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean", "batch_scale": 0.25,
-                          "description": "adaptive boundary + mean combination, minibatches 4x smaller"},
-    "all3-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean", "acceptance": "nonmonotone",
-                 "nonmonotone_window": 5, "batch_scale": 0.25,
-                 "description": "adaptive + mean + non-monotone, minibatches 4x smaller"},
     "ellipsoid": {**PAPER, "norm": "adaptive", "description": "paper, ellipsoidal (Adam-scaled) norm"},
-    "adaptive-mean-ell-b4x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
-                              "norm": "adaptive", "batch_scale": 0.25,
+    "adaptive-mean": {**_AM, "description": "adaptive boundary + mean combination"},
+    "adaptive-mean-b4x": {**_AM, "batch_scale": 0.25,
+                          "description": "adaptive boundary + mean combination, minibatches 4x smaller"},
+    "adaptive-mean-b16x": {**_AM, "batch_scale": 0.0625,
+                           "description": "adaptive boundary + mean combination, minibatches 16x smaller"},
+    "all3-b4x": {**_AM, "acceptance": "nonmonotone", "nonmonotone_window": 5, "batch_scale": 0.25,
+                 "description": "adaptive + mean + non-monotone, minibatches 4x smaller"},
+    "adaptive-mean-ell-b4x": {**_AME, "batch_scale": 0.25,
                               "description": "adaptive + mean + ellipsoidal norm, minibatches 4x smaller"},
-    "adaptive-mean-ell-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
-                               "norm": "adaptive", "batch_scale": 0.0625,
+    "adaptive-mean-ell-b16x": {**_AME, "batch_scale": 0.0625,
                                "description": "adaptive + mean + ellipsoidal norm, minibatches 16x smaller"},
-    "adaptive-mean-ell-b16x-min256": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
-                                      "norm": "adaptive", "batch_scale": 0.0625, "min_batch": 256,
+    "adaptive-mean-ell-b16x-min256": {**_AME, "batch_scale": 0.0625, "min_batch": 256,
                                       "description": "adaptive + mean + ellipsoidal norm, minibatches "
                                                      "16x smaller but at least 256 samples"},
-    "adaptive-mean-ell-bs256": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
-                                "norm": "adaptive", "batch_size": 256,
+    "adaptive-mean-ell-bs256": {**_AME, "batch_size": 256,
                                 "description": "adaptive + mean + ellipsoidal norm, minibatch 256"},
     "fo-adaptive-mean-ell-b16x-min256": {
-        **PAPER, "model": "first_order", "local_boundary": "adaptive", "combine": "mean",
-        "norm": "adaptive", "batch_scale": 0.0625, "min_batch": 256,
+        **_FO_AME, "batch_scale": 0.0625, "min_batch": 256,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
                        "smaller but at least 256 samples"},
     "fo-adaptive-mean-ell-bs256": {
-        **PAPER, "model": "first_order", "local_boundary": "adaptive", "combine": "mean",
-        "norm": "adaptive", "batch_size": 256,
+        **_FO_AME, "batch_size": 256,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatch 256"},
-    "adaptive-mean-b16x": {**PAPER, "local_boundary": "adaptive", "combine": "mean",
-                           "batch_scale": 0.0625,
-                           "description": "adaptive boundary + mean combination, minibatches 16x smaller"},
 }
 
 
