@@ -15,7 +15,9 @@ Public API (factories at the top level, as in optax):
 * :class:`RadiusConfig` / :data:`DEFAULT_RADIUS_CONFIG` — the radius constants and their defaults;
 * :func:`apts` — data-parallel APTS as an optax transformation (state :class:`APTSState`,
   shard_map specs :func:`apts_state_specs`; the open choices of issue 11 as
-  :class:`APTSOptions`, the paper's method as :data:`PAPER` / ``preset="paper"``); module
+  :class:`APTSOptions`; the default :data:`DEFAULT_OPTIONS` = :data:`TUNING_FREE`, the
+  paper's method as :data:`PAPER` / ``preset="paper"``; SAPTS minibatch rule
+  :func:`default_minibatch`); module
   :mod:`apts_jax.apts_transform`;
 * :mod:`~apts_jax.parallel` — subdomain layouts over devices, jitted APTS/SAPTS steps, and
   full-batch APTS :func:`solve` (also ``apts_jax.solve``);
@@ -32,12 +34,15 @@ import sys as _sys
 
 from apts_jax import apts_transform, lsr1, obs, parallel, radius, tr, tr_model
 from apts_jax.apts_transform import (
+    DEFAULT_OPTIONS,
     PAPER,
+    TUNING_FREE,
     APTSInfo,
     APTSOptions,
     APTSState,
     apts,
     apts_state_specs,
+    default_minibatch,
     to_varying,
 )
 from apts_jax.minimize import MinimizeStats, minimize
@@ -50,7 +55,9 @@ _sys.modules.setdefault(__name__ + ".apts", apts_transform)
 _sys.modules.setdefault(__name__ + ".trust_region", tr)
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "PAPER",
+    "TUNING_FREE",
     "APTSInfo",
     "APTSOptions",
     "APTSState",
@@ -62,6 +69,7 @@ __all__ = [
     "apts",
     "apts_state_specs",
     "apts_transform",
+    "default_minibatch",
     "lsr1",
     "minimize",
     "obs",

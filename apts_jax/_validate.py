@@ -163,6 +163,8 @@ APTS_OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "acceptance": ("monotone", "nonmonotone"),
     "norm": ("l2", "adaptive"),
     "curvature_pairs": ("same_batch",),
+    "model": ("sr1", "first_order"),
+    "global_step": ("tr", "none"),
 }
 
 #: Options named in issue 11 that are not implemented yet (a clear error instead of "unknown").

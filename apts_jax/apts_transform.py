@@ -45,10 +45,14 @@ Options (issue 11). The choices that the paper's text leaves open are fields of
 local radius starts at :math:`\Delta_k/N` and adapts up to :math:`\Delta_{\max}/N`, so eq. 5's
 bound :math:`\|\tilde s\| \le \Delta_k` no longer holds and the ratio test alone guards the
 step), ``combine`` (``"sum"`` as above, or ``"mean"``: :math:`\tilde s` and the predicted
-decrease are means, the local radius is :math:`\Delta_k`) and ``acceptance`` (``"monotone"`` as
+decrease are means, the local radius is :math:`\Delta_k`), ``acceptance`` (``"monotone"`` as
 above, or ``"nonmonotone"``: eq. 6's actual decrease from the maximum of the last ``W`` accepted
-values). :data:`PAPER` (``preset="paper"``) is the method described above, exactly; it is also
-today's default (:data:`DEFAULT_OPTIONS`).
+values), ``norm`` (``"l2"`` or the ellipsoidal ``"adaptive"`` norm), ``model`` (``"sr1"`` or
+``"first_order"``) and ``global_step`` (``"tr"``: step 5 as above; ``"none"``: without it).
+:data:`PAPER` (``preset="paper"``) is the method described above, exactly. The default
+(:data:`DEFAULT_OPTIONS` = :data:`TUNING_FREE`, ``preset="tuning_free"``) is the configuration
+that came closest to a learning-rate-tuned Adam without tuning (``benchmarks/tuning_free.py``):
+first-order model, adaptive local boundary, mean combination, ellipsoidal norm.
 
 Layout. The core, :func:`outer_step`, maps an :class:`OuterState` to the next one through named
 steps (local phases, summed step, :func:`ratio_test` for eq. 6–7, global iteration) and works on
@@ -80,8 +84,10 @@ from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
 from apts_jax.tr import init_memory, iteration
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "PAPER",
     "PRESETS",
+    "TUNING_FREE",
     "APTSInfo",
     "APTSOptions",
     "APTSState",
@@ -91,6 +97,7 @@ __all__ = [
     "RatioTest",
     "apts",
     "apts_state_specs",
+    "default_minibatch",
     "init_window",
     "local_phase",
     "outer_step",
@@ -147,6 +154,15 @@ class APTSOptions(NamedTuple):
         and eq. 5's bound are then in the scaled norm (:math:`D` has the units of a gradient, so
         the radius constants mean something else than for ``"l2"``).
       curvature_pairs: ``"same_batch"`` (paper). (``"multi_batch"`` is not implemented yet.)
+      model: the trust-region model of the local phases and the global step, ``"sr1"`` (paper:
+        L-SR1 with the OBS subproblem solver) or ``"first_order"`` (the step to the boundary
+        along :math:`-g`, in the trust-region norm). The ``model`` argument of the factories
+        replaces it when given.
+      global_step: ``"tr"`` (paper): step 5, one global trust-region iteration from
+        :math:`\tilde\theta` with radius :math:`\tilde\Delta`, which also sets
+        :math:`\Delta_{k+1}`. ``"none"``: no step 5, :math:`\theta_{k+1} = \tilde\theta`,
+        :math:`\Delta_{k+1} = \tilde\Delta` (eq. 7 of the APTS step alone); one evaluation
+        less per outer iteration, the global L-SR1 memory is left unused.
     """
 
     local_boundary: str = "ball"
@@ -155,17 +171,55 @@ class APTSOptions(NamedTuple):
     nonmonotone_window: int = 5
     norm: str = "l2"
     curvature_pairs: str = "same_batch"
+    model: str = "sr1"
+    global_step: str = "tr"
 
 
 PAPER = APTSOptions()
-"""The paper's method (Algorithm 1 as written): ball local boundary, summed steps, monotone test,
-L2 norm, same-batch curvature pairs. ``preset="paper"`` pins it, whatever the default becomes."""
+"""The paper's method (Algorithm 1 as written): L-SR1 model, ball local boundary, summed steps,
+monotone test, L2 norm, same-batch curvature pairs. ``preset="paper"`` pins it."""
+
+TUNING_FREE = APTSOptions(
+    local_boundary="adaptive", combine="mean", norm="adaptive", model="first_order"
+)
+"""The library's default (issue 11; ``preset="tuning_free"``): the first-order model, the authors'
+adaptive local boundary, the mean of the local steps and the ellipsoidal (Adam-scaled) norm;
+monotone acceptance. Chosen by ``benchmarks/tuning_free.py`` as the configuration with the
+smallest *worst* gap to a learning-rate-tuned Adam over four problems (README, "Tuning-free
+defaults"); with SAPTS it goes with minibatches of ``max(256, B/16)`` for a paper batch ``B``
+(:func:`default_minibatch`)."""
 
 #: Named presets accepted by ``preset=...``.
-PRESETS: dict[str, APTSOptions] = {"paper": PAPER}
+PRESETS: dict[str, APTSOptions] = {"paper": PAPER, "tuning_free": TUNING_FREE}
 
 #: The options used when neither ``preset`` nor an option keyword is given (one place).
-DEFAULT_OPTIONS = PAPER
+DEFAULT_OPTIONS = TUNING_FREE
+
+#: The paper's SAPTS minibatch (10,000 samples) and the tuning-free rule's floor (256 samples).
+PAPER_MINIBATCH = 10_000
+MIN_DEFAULT_MINIBATCH = 256
+
+
+def default_minibatch(num_train: int, num_subdomains: int = 1, *, paper_batch: int = PAPER_MINIBATCH,
+                      floor: int = MIN_DEFAULT_MINIBATCH) -> int:
+    """The SAPTS minibatch that goes with :data:`TUNING_FREE`: ``max(floor, min(paper_batch,
+    num_train) // 16)``, rounded down to a multiple of ``num_subdomains`` and at most
+    ``num_train`` (625 → 624 samples for N = 4 on a 60,000-sample set).
+
+    The 16-fold reduction of the paper's 10,000 with a floor of 256 is the minibatch rule of the
+    chosen configuration (``benchmarks/tuning_free.py``, ``fo-adaptive-mean-ell-b16x-min256``).
+    """
+    for name, v in (("num_train", num_train), ("num_subdomains", num_subdomains),
+                    ("paper_batch", paper_batch), ("floor", floor)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"default_minibatch: {name}={v!r} must be a positive int.")
+    if num_train < num_subdomains:
+        raise ValueError(
+            f"default_minibatch: {num_train} samples cannot be split into {num_subdomains} "
+            "subdomains; use fewer subdomains or more data."
+        )
+    b = min(num_train, max(floor, min(paper_batch, num_train) // 16))
+    return max(num_subdomains, b - b % num_subdomains)
 
 
 def resolve_options(
@@ -177,6 +231,8 @@ def resolve_options(
     nonmonotone_window: int | None = None,
     norm: str | None = None,
     curvature_pairs: str | None = None,
+    global_step: str | None = None,
+    model: str | None = None,
 ) -> APTSOptions:
     """The validated :class:`APTSOptions`: ``preset`` (a name of :data:`PRESETS`, an
     :class:`APTSOptions`, or None for :data:`DEFAULT_OPTIONS`) with the keywords that are not
@@ -198,6 +254,8 @@ def resolve_options(
         k: v for k, v in dict(
             local_boundary=local_boundary, combine=combine, acceptance=acceptance,
             nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+            global_step=global_step,
+            model=model,
         ).items() if v is not None
     }
     return _validate.apts_options(base._replace(**given))
@@ -541,7 +599,7 @@ def outer_step(
     axis_name: AxisName | None,
     num_subdomains: int,
     local_steps: int = 5,
-    model: str = "sr1",
+    model: str | None = None,
     config: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     skip_tol: float = 1e-8,
     options: APTSOptions = DEFAULT_OPTIONS,
@@ -560,16 +618,19 @@ def outer_step(
       axis_name: the named axis (or tuple) across program instances; None for a single instance.
       num_subdomains: ``N`` = ``b`` times the number of program instances.
       local_steps: :math:`\\nu`.
-      model: ``"sr1"`` or ``"first_order"`` (local and global).
+      model: ``"sr1"`` or ``"first_order"`` (local and global); None: ``options.model``.
       config: radius constants (:class:`apts_jax.radius.RadiusConfig`).
       skip_tol: SR1 skip-rule tolerance.
-      options: :class:`APTSOptions` (validated by the factories; default :data:`PAPER`). For
-        ``acceptance="nonmonotone"`` ``state.window`` must hold the window.
+      options: :class:`APTSOptions` (validated by the factories; default
+        :data:`DEFAULT_OPTIONS`). For ``acceptance="nonmonotone"`` ``state.window`` must hold
+        the window.
 
     Returns:
       ``(state, info)``: the :class:`OuterState` at :math:`\\theta_{k+1}` and an
       :class:`OuterInfo`.
     """
+    if model is None:
+        model = options.model
     n_sub = float(num_subdomains)
     b = state.local_value.shape[0]
     if data_block is None and b != 1:
@@ -642,6 +703,12 @@ def outer_step(
         (state.params, state.value, state.grad, state.local_value, state.local_grad),
     )
 
+    if options.global_step == "none":  # no step 5: theta_{k+1} = theta~, Delta_{k+1} = Delta~
+        return _without_global_step(
+            state, loc, test, step, predicted, actual, d_half, norm_state, nonmonotone,
+            (theta_t, value_t, grad_t, lval_t, lgrad_t),
+        )
+
     # Step 5: one global TR iteration; the local values/gradients ride along as aux.
     def global_vg(x: Array) -> tuple[tuple[Array, tuple[Array, Array]], Array]:
         vals, grads = block_value_and_grad(x)
@@ -676,6 +743,45 @@ def outer_step(
         local_iterations=loc.iterations,
         local_accepted=loc.accepted,
         evaluations=loc.iterations + 2,
+    )
+    return new_state, info
+
+
+def _without_global_step(
+    state: OuterState,
+    loc: LocalResult,
+    test: RatioTest,
+    step: Array,
+    predicted: Array,
+    actual: Array,
+    d_half: Array | None,
+    norm_state: Any,
+    nonmonotone: bool,
+    accepted_point: tuple[Array, Array, Array, Array, Array],
+) -> tuple[OuterState, OuterInfo]:
+    """The end of an outer iteration with ``global_step="none"``: the APTS ratio test's point
+    and radius are the next iterate and radius (the global memory is passed through)."""
+    theta_t, value_t, grad_t, lval_t, lgrad_t = accepted_point
+    window = state.window
+    if nonmonotone:
+        pushed = jnp.concatenate([window[1:], value_t[None].astype(window.dtype)])
+        window = jnp.where(test.accepted, pushed, window)
+    new_state = OuterState(
+        params=theta_t, value=value_t, grad=grad_t, local_value=lval_t, local_grad=lgrad_t,
+        radius=test.radius, local_memory=loc.memory, global_memory=state.global_memory,
+        window=window, norm_state=norm_state,
+    )
+    info = OuterInfo(
+        ratio=test.ratio,
+        accepted=test.accepted,
+        predicted_decrease=predicted,
+        actual_decrease=actual,
+        step_norm=jnp.linalg.norm(step if d_half is None else d_half * step),
+        global_ratio=jnp.zeros_like(test.ratio),
+        global_accepted=jnp.zeros_like(test.accepted),
+        local_iterations=loc.iterations,
+        local_accepted=loc.accepted,
+        evaluations=loc.iterations + 1,
     )
     return new_state, info
 
@@ -824,7 +930,7 @@ def _check_state(state: Any, spec: _tree.FlatSpec) -> None:
 def apts(
     axis_name: AxisName,
     local_steps: int = 5,
-    model: str = "sr1",
+    model: str | None = None,
     memory_size: int = 5,
     *,
     reuse_value_and_grad: bool = False,
@@ -845,6 +951,7 @@ def apts(
     nonmonotone_window: int | None = None,
     norm: str | None = None,
     curvature_pairs: str | None = None,
+    global_step: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APTS (the paper's Algorithm 1) as an optax transformation, one subdomain per mapped instance.
 
@@ -893,8 +1000,11 @@ def apts(
     Args:
       axis_name: the axis (or tuple of axes) that enumerates the subdomains.
       local_steps: :math:`\nu`, maximum local TR iterations per outer iteration (default 5).
-      model: ``"sr1"`` (L-SR1/OBS, local and global) or ``"first_order"``.
-      memory_size: L-SR1 pairs kept, locally and globally (default 5).
+      model: ``"sr1"`` (L-SR1/OBS, local and global) or ``"first_order"``; None (default):
+        the preset's (``"first_order"`` for the default :data:`TUNING_FREE`, ``"sr1"`` for
+        ``preset="paper"``).
+      memory_size: L-SR1 pairs kept, locally and globally (default 5; unused by the
+        first-order model).
       reuse_value_and_grad: full-batch only: reuse the values/gradients of the previous update
         (see above). Default False.
       radius: radius constants (:class:`apts_jax.radius.RadiusConfig`), used globally and
@@ -902,22 +1012,28 @@ def apts(
       initial_radius, min_radius, max_radius, eta1, eta2, shrink, grow, boundary_fraction:
         convenience keywords replacing single fields of ``radius``.
       skip_tol: SR1 skip-rule tolerance.
-      preset: ``"paper"`` (:data:`PAPER`, the paper's method exactly), an :class:`APTSOptions`,
-        or None for :data:`DEFAULT_OPTIONS` (today the paper's method too).
-      local_boundary, combine, acceptance, nonmonotone_window, norm, curvature_pairs: the open
-        choices of issue 11, replacing fields of the preset (see :class:`APTSOptions`):
+      preset: ``"paper"`` (:data:`PAPER`, the paper's method exactly), ``"tuning_free"``
+        (:data:`TUNING_FREE`), an :class:`APTSOptions`, or None for :data:`DEFAULT_OPTIONS`
+        (= :data:`TUNING_FREE`).
+      local_boundary, combine, acceptance, nonmonotone_window, norm, curvature_pairs,
+      global_step: the open choices of issue 11, replacing fields of the preset (see
+        :class:`APTSOptions`):
         ``local_boundary="ball"|"adaptive"`` (``"adaptive"`` gives up eq. 5's bound
         :math:`\|\tilde s\| \le \Delta`; the ratio test guards the step),
         ``combine="sum"|"mean"``, ``acceptance="monotone"|"nonmonotone"`` with window
         ``nonmonotone_window`` (default 5), ``norm="l2"|"adaptive"`` (the ellipsoidal trust
-        region; the state then carries ``norm_state``, replicated).
+        region; the state then carries ``norm_state``, replicated), ``global_step="tr"|"none"``
+        (step 5 or not).
     """
     _validate.local_steps(local_steps)
-    _validate.model(model, memory_size)
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+        global_step=global_step,
+        model=model,
     )
+    model = options.model
+    _validate.model(model, memory_size)
     config = _validate.radius_config(
         radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,

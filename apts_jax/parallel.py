@@ -321,7 +321,7 @@ def make_apts(
     layout: SubdomainLayout,
     *,
     local_steps: int = 5,
-    model: str = "sr1",
+    model: str | None = None,
     memory_size: int = 5,
     radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     initial_radius: float | None = None,
@@ -341,6 +341,7 @@ def make_apts(
     nonmonotone_window: int | None = None,
     norm: str | None = None,
     curvature_pairs: str | None = None,
+    global_step: str | None = None,
 ) -> APTSProgram:
     """Build jitted APTS functions for ``loss_fn(params, shard) -> scalar`` on ``layout``.
 
@@ -349,24 +350,29 @@ def make_apts(
     parameter structure. Everything else as in :func:`apts_jax.apts`, including ``preset``
     (``"paper"`` pins the paper's method) and the issue-11 options ``local_boundary``
     (``"ball"``/``"adaptive"``), ``combine`` (``"sum"``/``"mean"``), ``acceptance``
-    (``"monotone"``/``"nonmonotone"``) with ``nonmonotone_window``, ``norm`` and
-    ``curvature_pairs`` (see :class:`apts_jax.apts_transform.APTSOptions`).
+    (``"monotone"``/``"nonmonotone"``) with ``nonmonotone_window``, ``norm``,
+    ``curvature_pairs`` and ``global_step`` (see :class:`apts_jax.apts_transform.APTSOptions`);
+    without ``preset`` the default is ``"tuning_free"`` (first-order model), and ``model``
+    replaces the preset's model when given.
 
     ``init`` raises ``ValueError`` when the initial loss or gradient is not finite.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
     _validate.local_steps(local_steps)
+    options = resolve_options(
+        preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
+        nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+        global_step=global_step,
+        model=model,
+    )
+    model = options.model
     _validate.model(model, memory_size)
     config = _validate.radius_config(
         radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
     )
     skip_tol = _validate.skip_tol(skip_tol)
-    options = resolve_options(
-        preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
-        nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-    )
     spec = _tree.flat_spec(params)
     axis = layout.axis_name
     n_sub = layout.num_subdomains
@@ -514,7 +520,7 @@ def solve(
     max_iterations: int = 100,
     gtol: float = 1e-6,
     local_steps: int = 5,
-    model: str = "sr1",
+    model: str | None = None,
     memory_size: int = 5,
     check_vma: bool = True,
     radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
@@ -525,6 +531,7 @@ def solve(
     nonmonotone_window: int | None = None,
     norm: str | None = None,
     curvature_pairs: str | None = None,
+    global_step: str | None = None,
     **radius_constants: float,
 ) -> tuple[Any, APTSRunState, SolveStats]:
     """Full-batch APTS on ``subdomains`` equal data shards as one jitted ``lax.while_loop``.
@@ -539,7 +546,8 @@ def solve(
       gtol: stop when ``||grad|| <= gtol * max(1, ||grad_0||)``.
       local_steps, model, memory_size, check_vma: see :func:`make_apts`.
       radius: the radius constants (:class:`apts_jax.radius.RadiusConfig`).
-      preset, local_boundary, combine, acceptance, nonmonotone_window, norm, curvature_pairs:
+      preset, local_boundary, combine, acceptance, nonmonotone_window, norm, curvature_pairs,
+      global_step:
         the issue-11 options (see :func:`make_apts`, :class:`apts_jax.apts_transform.APTSOptions`).
       **radius_constants: ``initial_radius``, ``min_radius``, ... replacing fields of ``radius``
         (see :func:`apts_jax.apts`).
@@ -555,11 +563,14 @@ def solve(
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
+        global_step=global_step,
+        model=model,
     )  # validated before any device work
+    _validate.model(options.model, memory_size)
     layout = subdomain_layout(subdomains, devices)
     sharded = split_data(layout, data)
     prog = make_apts(
-        loss_fn, params, layout, local_steps=local_steps, model=model, memory_size=memory_size,
+        loss_fn, params, layout, local_steps=local_steps, memory_size=memory_size,
         check_vma=check_vma, radius=radius, preset=options, **radius_constants,
     )
     state = prog.init(params, sharded)

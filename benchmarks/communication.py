@@ -214,7 +214,8 @@ def run(cfg: dict[str, Any], log=print) -> dict[str, Any]:
 
         for model in cfg["models"]:
             for nu in cfg["nus"]:
-                prog = parallel.make_apts(loss_fn, params, layout, local_steps=nu, model=model)
+                prog = parallel.make_apts(loss_fn, params, layout, local_steps=nu, model=model,
+                                                   preset="paper")
                 state = prog.init(params, tiny)
                 for method, fn, total, calls in (
                     ("apts", prog.step, samples, 1),

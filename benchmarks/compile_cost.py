@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     data = split_data(layout, (x, y))
     for model in ("sr1", "first_order"):
         def lower_step(model: str = model) -> Any:
-            prog = make_apts(loss, p0, layout, model=model)
+            prog = make_apts(loss, p0, layout, model=model, preset="paper")
             return prog.step.lower(prog.init(p0, data), data)
         results[f"make_apts step model={model}"] = measure(lower_step)
 

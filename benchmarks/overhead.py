@@ -170,7 +170,8 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
     for n in cfg["ns"]:
         layout = parallel.subdomain_layout(n, n)
         data = parallel.split_data(layout, (x[: x.shape[0] // n * n], y[: x.shape[0] // n * n]))
-        prog = parallel.make_apts(loss_fn, params, layout, local_steps=nu, model=args.model)
+        prog = parallel.make_apts(loss_fn, params, layout, local_steps=nu, model=args.model,
+                                  preset="paper")
         ref = make_reference(layout)
         t0 = time.perf_counter()
         state = prog.init(params, data)

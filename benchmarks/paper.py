@@ -5,13 +5,18 @@ Protocol (full mode; every optimizer gets the same number of epochs, ``--epochs`
 * data/model: Fashion-MNIST (60,000 train / 10,000 test) with the 784-512-256-10 ReLU MLP;
   CIFAR-10 with the 3072-512-512-10 MLP when its files are found offline (skipped with a message
   otherwise); softmax cross-entropy, float32;
-* **APTS**, full batch, ``N`` in {1, 2, 4} subdomains, L-SR1 (``sr1``) and first-order (``fo``)
-  trust-region models, one default configuration (the library's and the paper's: at most
+* **APTS**, full batch, ``N`` in {1, 2, 4} subdomains, the paper's method (``--preset paper``)
+  with L-SR1 (``sr1``) and first-order (``fo``) trust-region models, one configuration (at most
   ``nu = 5`` local iterations, L-SR1 memory 5, default radius constants), 1 outer iteration per
   epoch;
 * **SAPTS**, minibatches of 10,000 (``N`` microbatches each, 5 % overlap between consecutive
   minibatches and 5 % of each microbatch shared by all subdomains: the app's overlap sampler), the
   same ``N``, models and configuration; one epoch = one pass of the sampler;
+* **SAPTS with the library's default** (order ``default``: ``preset="tuning_free"``, first-order
+  model, adaptive local boundary, mean combination, ellipsoidal norm; no ``--preset`` and no
+  model flag, so the run is whatever ``apts-jax train`` does by default), minibatches of
+  :func:`apts_jax.default_minibatch` (624 for N = 2, 4 and 625 for N = 1 on 60,000 samples),
+  ``nu = 5``, the same ``N`` and overlaps;
 * **Adam** over 13 learning rates log-spaced in [1e-5, 1e-1], at batch 10,000 and at batch 128;
 * **SGD** (momentum 0.9) over the same learning rates and batch sizes;
 * **L-BFGS** (``optax.lbfgs``, zoom line search, memory 5), full batch, 1 iteration per epoch;
@@ -109,7 +114,9 @@ class Protocol:
     epochs: int = 20
     seeds: tuple[int, ...] = (0, 1, 2)
     subdomains: tuple[int, ...] = (1, 2, 4)
-    orders: tuple[str, ...] = ("sr1", "fo")
+    #: "sr1"/"fo": the paper's method (--preset paper) with either model (APTS and SAPTS);
+    #: "default": the library's default (SAPTS only, its own minibatch rule).
+    orders: tuple[str, ...] = ("sr1", "fo", "default")
     full_batch_iterations: int = 1
     sapts_batch: int = 10_000
     lrs: tuple[float, ...] = tuple(log_grid(1e-5, 1e-1, 13))
@@ -172,8 +179,10 @@ class RunSpec:
             a += ["--subdomains", str(self.subdomains)]
             if devices is not None:
                 a += ["--devices", str(devices)]
-            a += ["--second-order" if self.order == "sr1" else "--first-order",
-                  "--local-steps", str(proto.local_steps)]
+            if self.order != "default":  # the default: no preset, no model flag
+                a += ["--preset", "paper",
+                      "--second-order" if self.order == "sr1" else "--first-order"]
+            a += ["--local-steps", str(proto.local_steps)]
         if self.method in ("apts", "lbfgs"):
             a += ["--iterations-per-epoch", str(proto.full_batch_iterations)]
         if self.method in ("sapts", "adam", "sgd"):
@@ -183,8 +192,20 @@ class RunSpec:
         return a + list(self.extra)
 
 
+#: Training-set sizes of the protocol's data sets (before ``--subset``).
+TRAIN_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}
+
+
+def num_train(dataset: str, proto: Protocol) -> int:
+    """The training samples a run of ``proto`` on ``dataset`` uses."""
+    n = TRAIN_SIZES[dataset]
+    return min(n, proto.subset) if proto.subset else n
+
+
 def plan(proto: Protocol, datasets: Sequence[str]) -> list[RunSpec]:
     """All runs of the protocol for ``datasets``, cheapest families first within a dataset."""
+    from apts_jax.apts_transform import default_minibatch  # imports JAX, not its backend
+
     runs: list[RunSpec] = []
     for ds in datasets:
         for seed in proto.seeds:
@@ -194,11 +215,16 @@ def plan(proto: Protocol, datasets: Sequence[str]) -> list[RunSpec]:
             if method not in proto.methods:
                 continue
             for order in proto.orders:
+                if order == "default" and method != "sapts":
+                    continue
                 for n in proto.subdomains:
+                    batch = None
+                    if method == "sapts":
+                        batch = (default_minibatch(num_train(ds, proto), n) if order == "default"
+                                 else proto.sapts_batch)
                     for seed in proto.seeds:
                         runs.append(RunSpec(ds, method, seed, subdomains=n, order=order,
-                                            batch_size=proto.sapts_batch if method == "sapts"
-                                            else None))
+                                            batch_size=batch))
         for method in ("adam", "sgd"):
             if method not in proto.methods:
                 continue

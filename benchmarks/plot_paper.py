@@ -4,7 +4,8 @@ The paper's Figures 1-2 on our data: test accuracy and training loss against epo
 training wall time (compilation excluded, see ``paper.py``), for the APTS variants (Figure 1:
 full-batch APTS; Figure 2: minibatch SAPTS) against the best and the median Adam learning rate of
 each Adam batch size. Every curve is the mean over the seeds of a configuration (the epoch times
-too). Colours: the number of subdomains ``N``; solid = L-SR1 (second order), dashed = first order;
+too). Colours: the number of subdomains ``N``; solid = L-SR1 (second order), dashed = first order
+(both the paper's method), dotted = the library's default (``order`` ``default``);
 black/grey = Adam at the large/small batch size, solid = best LR, dotted = median LR.
 
 Usable on its own (no JAX import)::
@@ -24,6 +25,9 @@ from typing import Any
 __all__ = ["group_curves", "load_runs", "plot_dataset", "plot_lr_sensitivity", "plot_all"]
 
 N_COLORS = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
+#: Line style and label of a run's ``order`` (paper.py: "sr1", "fo", "default").
+ORDER_STYLE = {"sr1": "-", "fo": "--", "default": ":"}
+ORDER_LABEL = {"sr1": "L-SR1", "fo": "1st order", "default": "default (tuning-free)"}
 
 
 def load_runs(root: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -132,9 +136,9 @@ def plot_dataset(
             for g in groups:
                 p = curves[g]["run"]["params"]
                 n = p.get("subdomains") or 1
-                ls = "-" if p.get("order") == "sr1" else "--"
+                ls = ORDER_STYLE.get(p.get("order"), "--")
                 label = (f"{'APTS' if method == 'apts' else 'SAPTS'} N={n} "
-                         f"{'L-SR1' if p.get('order') == 'sr1' else '1st order'}")
+                         f"{ORDER_LABEL.get(p.get('order'), '1st order')}")
                 entries.append((g, label, N_COLORS.get(n, None), ls))
             entries += [e for e in adam if e[0] in curves]
             for g, label, colour, ls in entries:
@@ -177,7 +181,8 @@ def plot_lr_sensitivity(dataset: str, summary_ds: Mapping[str, Any], out_dir: st
     """Write ``<dataset>_lr_sensitivity.png``: Adam/SGD final accuracy against the learning rate.
 
     One curve per optimizer and batch size (mean over seeds), and the final accuracy of every
-    APTS/SAPTS configuration as a horizontal line (solid: L-SR1, dashed: first order): the
+    APTS/SAPTS configuration as a horizontal line (solid: L-SR1, dashed: first order, dotted: the
+    library's default): the
     trust-region methods have no learning rate to tune. ``None`` when there is no grid to plot.
     """
     import matplotlib
@@ -199,11 +204,11 @@ def plot_lr_sensitivity(dataset: str, summary_ds: Mapping[str, Any], out_dir: st
         if v["method"] not in ("apts", "sapts") or v["final_test_accuracy_mean"] is None:
             continue
         name = "APTS" if v["method"] == "apts" else f"SAPTS b={p.get('batch_size')}"
-        ax.axhline(v["final_test_accuracy_mean"], ls="-" if p.get("order") == "sr1" else "--",
+        ax.axhline(v["final_test_accuracy_mean"], ls=ORDER_STYLE.get(p.get("order"), "--"),
                    lw=1.2 if v["method"] == "sapts" else 0.8, alpha=0.8,
                    color=N_COLORS.get(p.get("subdomains")),
                    label=f"{name} N={p.get('subdomains')} "
-                         f"{'L-SR1' if p.get('order') == 'sr1' else '1st order'} (no lr)")
+                         f"{ORDER_LABEL.get(p.get('order'), '1st order')} (no lr)")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final test accuracy (mean over seeds)")
     ax.set_title(f"{dataset}: learning-rate sensitivity{title_note}")

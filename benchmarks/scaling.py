@@ -152,7 +152,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         layout = parallel.subdomain_layout(n_sub, d)
         data = parallel.split_data(layout, (x, y))
         prog = parallel.make_apts(loss_fn, params, layout, local_steps=args.local_steps,
-                                  model=args.model)
+                                  model=args.model, preset="paper")
         state = prog.init(params, data)
         t0 = time.perf_counter()
         compiled = prog.step.lower(state, data).compile()

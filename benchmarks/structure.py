@@ -82,7 +82,8 @@ def _emit(out_dir: Path, straight: bool) -> None:
         layout = parallel.subdomain_layout(subdomains, devices=subdomains)
         data = parallel.split_data(layout, (xs, ys))
         for nu in (1, 5):
-            prog = parallel.make_apts(loss, p0, layout, local_steps=nu, model="sr1")
+            prog = parallel.make_apts(loss, p0, layout, local_steps=nu, model="sr1",
+                                          preset="paper")
             state = prog.init(p0, data)
             for kind in ("step", "fresh_step"):
                 write(f"outer_N{subdomains}_nu{nu}_{kind}",

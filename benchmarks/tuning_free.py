@@ -418,6 +418,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
         **_FO_AME, "batch_scale": 0.0625, "min_batch": 256,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
                        "smaller but at least 256 samples"},
+    "fo-adaptive-mean-ell-b16x-min256-noglobal": {
+        **_FO_AME, "batch_scale": 0.0625, "min_batch": 256, "global_step": "none",
+        "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
+                       "smaller but at least 256 samples, no global step (step 5)"},
+    "fo-adaptive-mean-ell-b16x-min256-nu10": {
+        **_FO_AME, "batch_scale": 0.0625, "min_batch": 256, "local_steps": 10,
+        "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
+                       "smaller but at least 256 samples, nu = 10 local steps"},
     "fo-adaptive-mean-ell-bs256": {
         **_FO_AME, "batch_size": 256,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatch 256"},

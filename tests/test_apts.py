@@ -29,6 +29,7 @@ from logistic_problem import logistic_data, logistic_loss, zeros_params
 import apts_jax
 from apts_jax import lsr1, parallel
 from apts_jax.apts_transform import (
+    PAPER,
     apts,
     apts_state_specs,
     local_phase,
@@ -113,7 +114,8 @@ def test_single_subdomain_is_local_loop_ratio_test_and_global_iteration(x64, mod
     data["reg"] = np.full((64,), 1e-3)
     p0 = zeros_params(10, jnp.float64)
     layout = parallel.subdomain_layout(1, devices=1)
-    prog = parallel.make_apts(logistic_loss, p0, layout, local_steps=nu, model=model)
+    prog = parallel.make_apts(logistic_loss, p0, layout, local_steps=nu, model=model,
+                              preset="paper")
     sharded = parallel.split_data(layout, data)
     state = prog.init(p0, sharded)
 
@@ -260,7 +262,7 @@ def penalised_program():
     data = logistic_data(20, 256, seed=3)
     p0 = zeros_params(20)
     layout = parallel.subdomain_layout(4, devices=4)
-    prog = parallel.make_apts(penalised_loss, p0, layout, local_steps=5, model="sr1")
+    prog = parallel.make_apts(penalised_loss, p0, layout, local_steps=5, preset="paper")
 
     def make_data(pen):
         return parallel.split_data(layout, {**data, "pen": np.full((256,), pen, np.float32)})
@@ -375,7 +377,9 @@ def test_optax_face_in_classic_pmap_script(solve_reference):
         np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
     _check_against_solve(flat(jax.tree.map(lambda a: a[0], params)), values, solve_reference)
     assert int(opt_state.count[0]) == OPTAX_STEPS
-    assert np.all(np.array(step_norms) <= np.array(radii_before) * (1 + 1e-5))
+    # The default's bound (adaptive local boundary, mean combination): ||s~||_D <= max_radius.
+    assert np.all(np.array(step_norms) <= OPTAX_RADIUS["max_radius"] * (1 + 1e-5))
+    assert np.all(np.array(radii_before) <= OPTAX_RADIUS["max_radius"] * (1 + 1e-6))
 
 
 def test_optax_face_in_vmap(solve_reference):
@@ -593,7 +597,7 @@ def test_ratio_for_several_subdomains_is_over_the_sum_of_local_decreases(x64):
     p0 = {"w": jnp.asarray(np.linspace(-0.5, 0.5, features)), "b": jnp.asarray(0.2)}
     layout = parallel.subdomain_layout(n_sub, devices=2)
     prog = parallel.make_apts(logistic_loss, p0, layout, model="first_order", local_steps=1,
-                              initial_radius=0.4)
+                              initial_radius=0.4, preset="paper")
     sharded = parallel.split_data(layout, data)
     state = prog.init(p0, sharded)
     _, stats = prog.step(state, sharded)
@@ -643,7 +647,7 @@ def test_outer_step_takes_and_returns_named_state(x64):
                     radius=jnp.asarray(0.1), local_memory=None, global_memory=None)
     new, info = jax.jit(lambda s: outer_step(vg, jax.tree.map(lambda a: a[None], data), s,
                                              axis_name=None, num_subdomains=1,
-                                             model="first_order"))(st)
+                                             model="first_order", options=PAPER))(st)
     assert isinstance(new, OuterState) and isinstance(info, OuterInfo)
     assert bool(info.accepted) and float(new.value) < float(v)
     np.testing.assert_allclose(float(new.value), float(vg(new.params, data)[0]), rtol=1e-12)

@@ -4,8 +4,9 @@
 * ``norm="adaptive"`` (the ellipsoidal trust region): one outer iteration against the numpy
   reference with :math:`D = |g| + \\epsilon`; :func:`apts_jax.tr.iteration` with
   :math:`D = I` is the L2 iteration;
-* ``preset="paper"`` is today's method: the recorded optax-face trajectory and the default
-  ``make_apts`` trajectory, bit for bit;
+* the default is ``preset="tuning_free"``; ``preset="paper"`` is the paper's method, bit for bit
+  the behaviour before the default changed (the recorded optax-face trajectory), whatever the
+  default;
 * ``local_boundary`` x ``combine``: one outer iteration against an independent numpy
   re-implementation of the first-order APTS step (float64): local iterations, the combined step,
   the predicted decrease and the ratio; ``"adaptive"`` runs all ``nu`` steps and breaks eq. 5's
@@ -14,7 +15,8 @@
   for the first-order model with ``nu = 1``;
 * ``acceptance="nonmonotone"``: the ratio against the window maximum by hand, the window update,
   ``W = 1`` equals the monotone test;
-* layout independence (``N = 4`` on 1, 2, 4 devices) for every option and their combination;
+* layout independence (``N = 4`` on 1, 2, 4 devices) for every option (one at a time from the
+  paper preset), their combination and the default;
 * the optax face and ``make_apts`` agree with options (the window rides in both states).
 """
 
@@ -32,7 +34,10 @@ from logistic_problem import logistic_data, logistic_loss, zeros_params
 import apts_jax
 from apts_jax import parallel
 from apts_jax.apts_transform import (
+    DEFAULT_OPTIONS,
     PAPER,
+    PRESETS,
+    TUNING_FREE,
     APTSOptions,
     OuterState,
     apts,
@@ -162,7 +167,7 @@ def lib_outer(theta, data, n, delta, *, nu, model="first_order", window=None, co
               state=None, **opts):
     """``outer_step`` with ``axis_name=None`` on a block of ``n`` subdomains (jitted once per
     setting); from ``state`` (with radius ``delta``) when given."""
-    options = resolve_options(**opts)
+    options = resolve_options("paper", **opts)
     st, block = initial_state(theta, data, n, delta, model, window, options.norm)
     if state is not None:
         st = state._replace(radius=jnp.asarray(delta, st.params.dtype))
@@ -175,9 +180,17 @@ def lib_outer(theta, data, n, delta, *, nu, model="first_order", window=None, co
 # ------------------------------------------------------------------------------------------------
 
 
-def test_paper_preset_is_the_default_and_every_field_is_validated():
-    assert PAPER == APTSOptions() == resolve_options() == resolve_options("paper")
+def test_presets_the_default_and_every_field_is_validated():
+    assert PAPER == APTSOptions() == resolve_options("paper")
+    assert PAPER.model == "sr1" and PAPER.norm == "l2" and PAPER.combine == "sum"
+    assert TUNING_FREE == resolve_options() == resolve_options("tuning_free") == DEFAULT_OPTIONS
+    assert TUNING_FREE == PAPER._replace(local_boundary="adaptive", combine="mean",
+                                         norm="adaptive", model="first_order")
     assert apts_jax.PAPER is PAPER and apts_jax.APTSOptions is APTSOptions
+    assert apts_jax.DEFAULT_OPTIONS is DEFAULT_OPTIONS and apts_jax.TUNING_FREE is TUNING_FREE
+    assert set(PRESETS) == {"paper", "tuning_free"}
+    assert resolve_options("paper", model="first_order").model == "first_order"
+    assert resolve_options(model="sr1") == TUNING_FREE._replace(model="sr1")
     assert resolve_options("paper", combine="mean") == PAPER._replace(combine="mean")
     assert resolve_options(PAPER._replace(acceptance="nonmonotone"),
                            nonmonotone_window=3).nonmonotone_window == 3
@@ -186,7 +199,7 @@ def test_paper_preset_is_the_default_and_every_field_is_validated():
     with pytest.raises(TypeError, match="preset must be"):
         resolve_options(3)
     for key, bad in (("local_boundary", "box"), ("combine", "median"),
-                     ("acceptance", "armijo")):
+                     ("acceptance", "armijo"), ("model", "newton")):
         with pytest.raises(ValueError, match=f"unknown {key} '{bad}'"):
             resolve_options(**{key: bad})
     for bad in (0, -1, 2.5, True):
@@ -230,9 +243,12 @@ def test_paper_preset_reproduces_the_recorded_trajectory(x64):
 
 
 @pytest.mark.slow  # heavy compiles; run with pytest -m slow
-def test_paper_preset_equals_default_make_apts_bit_for_bit():
+def test_paper_preset_equals_every_paper_field_over_the_default_bit_for_bit():
+    """``preset="paper"`` and the default with every field set to the paper's choice are the
+    same program: the keywords replace the preset's fields, nothing else differs."""
     a = _program_run(4, 1, "sr1", (), iterations=6)
-    b = _program_run(4, 1, "sr1", (("preset", "paper"),), iterations=6)
+    fields = tuple((k, v) for k, v in PAPER._asdict().items() if k != "model")
+    b = _program_run(4, 1, "sr1", (("preset", "tuning_free"), *fields), iterations=6)
     np.testing.assert_array_equal(a["params"], b["params"])
 
 
@@ -269,6 +285,42 @@ def test_one_outer_iteration_matches_numpy_reference(x64, boundary, combine, nor
     else:  # the local radius adapts: all nu steps, and eq. 5's bound is given up
         assert ref["iterations"] == [nu] * n
         assert float(info.step_norm) > 1.5 * delta
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_without_global_step_the_apts_point_and_radius_are_the_next_iterate(x64, accept):
+    """``global_step="none"``: theta_{k+1} = theta_k + s~ if accepted (else theta_k),
+    Delta_{k+1} = eq. 7's radius of the APTS test, one evaluation less; checked against the
+    numpy reference of steps 2-4 (first order; the tuning-free options, and the paper's ball
+    and sum with a radius so large that the summed step is rejected)."""
+    n, nu = 4, 3
+    cfg = DEFAULT_RADIUS_CONFIG._replace(max_radius=100.0)
+    data = logistic_data(5, 64, seed=7, dtype=np.float64)
+    theta = np.random.default_rng(1).normal(size=6) * 0.3
+    if accept:
+        delta, opts = 0.05, {"local_boundary": "adaptive", "combine": "mean", "norm": "adaptive"}
+    else:
+        delta, opts = 40.0, {"local_boundary": "ball", "combine": "sum", "norm": "l2"}
+    ref = reference_apts_step(theta, shards_of(data, n), delta, nu, opts["local_boundary"],
+                              opts["combine"], cfg, ellipsoid=opts["norm"] == "adaptive")
+    new, info = lib_outer(theta, data, n, delta, nu=nu, config=cfg, global_step="none", **opts)
+    with_global, _ = lib_outer(theta, data, n, delta, nu=nu, config=cfg, **opts)
+    rho = (ref["f"] - ref["trial_value"]) / ref["predicted"]
+    np.testing.assert_allclose(float(info.ratio), rho, rtol=1e-9)
+    assert bool(info.accepted) == accept == (rho >= cfg.eta1)
+    want = theta + ref["step"] if accept else theta
+    np.testing.assert_allclose(np.asarray(new.params), want, rtol=1e-12, atol=1e-14)
+    want_radius = (min(cfg.grow * delta, cfg.max_radius) if rho > cfg.eta2
+                   else delta if rho >= cfg.eta1 else cfg.shrink * delta)
+    np.testing.assert_allclose(float(new.radius), want_radius, rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(info.evaluations), np.asarray(ref["iterations"]) + 1)
+    assert not bool(info.global_accepted) and float(info.global_ratio) == 0.0
+    # the value and gradients at the new iterate are the ones the next iteration needs
+    np.testing.assert_allclose(float(new.value), np.mean([np_loss(want, sh)
+                                                          for sh in shards_of(data, n)]),
+                               rtol=1e-12)
+    if accept:  # with step 5 (default) the iterate moves on from theta~
+        assert not np.allclose(np.asarray(with_global.params), np.asarray(new.params))
 
 
 def test_mean_first_order_single_step_has_ratio_exactly_one(x64):
@@ -360,6 +412,8 @@ OPTION_SETS = {
     "ellipsoid": (("norm", "adaptive"),),
     "all": (("local_boundary", "adaptive"), ("combine", "mean"), ("acceptance", "nonmonotone"),
             ("norm", "adaptive")),
+    "no_global_step": (("global_step", "none"),),
+    "tuning_free": (("preset", "tuning_free"),),  # the default (first-order model)
 }
 
 
@@ -368,9 +422,10 @@ def _program_run(num_subdomains, devices, model, opts, iterations=10, dtype=np.f
     data = logistic_data(20, 256, seed=0, dtype=dtype)
     p0 = zeros_params(20, dtype)
     layout = parallel.subdomain_layout(num_subdomains, devices=devices)
-    # Delta_0 far below Delta_max = 0.1: the options differ while the radius grows.
+    # Delta_0 far below Delta_max = 0.1: the options differ while the radius grows. ``opts``
+    # replace fields of the paper preset unless they name a preset.
     prog = parallel.make_apts(logistic_loss, p0, layout, model=model, initial_radius=0.005,
-                              max_radius=0.1, **dict(opts))
+                              max_radius=0.1, **{"preset": "paper", **dict(opts)})
     sharded = parallel.split_data(layout, data)
     state = prog.init(p0, sharded)
     out = {"params": [], "accepted": [], "local_iterations": [], "values": []}
@@ -387,16 +442,18 @@ def _program_run(num_subdomains, devices, model, opts, iterations=10, dtype=np.f
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_layout_independence_for_every_option(name, request):
     opts = OPTION_SETS[name]
-    if ("norm", "adaptive") in opts:
+    ellipsoidal = ("norm", "adaptive") in opts or name == "tuning_free"
+    if ellipsoidal:
         request.getfixturevalue("x64")
     # The ellipsoidal norm divides by D^{1/2} = (|g| + eps)^{1/2}: the last-bit differences of
     # the summation orders (1e-7 relative in float32) reach the steps through D and grow over ten
     # L-SR1 iterations to ~1e-3 (measured); in float64 they stay far below the bound.
-    dtype = np.float64 if ("norm", "adaptive") in opts else np.float32
+    dtype = np.float64 if ellipsoidal else np.float32
     tol = 1e-8 if dtype == np.float64 else 1e-4
-    want = _program_run(4, 1, "sr1", opts, dtype=dtype)
+    model = None if name == "tuning_free" else "sr1"  # None: the preset's model
+    want = _program_run(4, 1, model, opts, dtype=dtype)
     for devices in (2, 4):
-        got = _program_run(4, devices, "sr1", opts, dtype=dtype)
+        got = _program_run(4, devices, model, opts, dtype=dtype)
         # different summation orders: ``tol`` of the parameter scale after 10 iterations
         scale = np.max(np.abs(want["params"]), axis=1, keepdims=True)
         assert np.all(np.abs(got["params"] - want["params"]) <= tol * scale)
@@ -433,7 +490,7 @@ def _vmap_run(optimizer, n_sub, p0, batches):
 @pytest.mark.slow  # heavy compiles; run with pytest -m slow
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_optax_face_agrees_with_make_apts(x64, name):
-    opts = dict(OPTION_SETS[name])
+    opts = {"preset": "paper", **dict(OPTION_SETS[name])}
     data = logistic_data(6, 64, seed=3, dtype=np.float64)
     p0 = zeros_params(6, jnp.float64)
     batch = {k: v.reshape((4, -1) + v.shape[1:]) for k, v in data.items()}
@@ -449,3 +506,18 @@ def test_optax_face_agrees_with_make_apts(x64, name):
     np.testing.assert_allclose([v for _, v in face], values, rtol=1e-9)
     if "acceptance" in opts:
         assert state.window is not None and np.isfinite(np.asarray(state.window)[-1])
+
+
+@pytest.mark.parametrize(("num_train", "n", "want"), [
+    (60_000, 4, 624), (60_000, 1, 625), (60_000, 2, 624), (5_000, 2, 312), (2_000, 4, 256),
+    (100, 4, 100), (10, 4, 8),
+])
+def test_default_minibatch_rule(num_train, n, want):
+    """max(256, min(10000, samples) // 16), at most the samples, a multiple of N."""
+    assert apts_jax.default_minibatch(num_train, n) == want
+
+
+def test_default_minibatch_rejects_bad_input():
+    for args in ((0, 1), (10, 0), (3, 4), (True, 1), (10.0, 1)):
+        with pytest.raises(ValueError, match="default_minibatch"):
+            apts_jax.default_minibatch(*args)

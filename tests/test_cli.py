@@ -124,8 +124,8 @@ def _check_outputs(out: Path, epochs: int = 1, iterations: int = 2, radius: bool
     "optimizer, extra, radius",
     [
         ("sapts", ["--subdomains", "4", "--devices", "2", "--batch-size", "128"], True),
-        ("apts", ["--subdomains", "2", "--first-order", "--combine", "mean", "--local-boundary",
-                  "adaptive", "--norm", "adaptive"], True),
+        ("apts", ["--subdomains", "2", "--preset", "paper", "--first-order", "--combine", "mean",
+                  "--local-boundary", "adaptive", "--norm", "adaptive"], True),
         ("tr", ["--batch-size", "128"], True),
         ("adam", ["--batch-size", "64"], False),
         ("sgd", ["--batch-size", "64", "--lr", "0.05"], False),
@@ -143,7 +143,12 @@ def test_train_each_optimizer(tmp_path, data_dir, capsys, optimizer, extra, radi
     if optimizer == "apts":  # the APTS options reach the config (and make_apts)
         assert (config["combine"], config["local_boundary"], config["norm"]) == (
             "mean", "adaptive", "adaptive")
-        assert config["preset"] is None and config["acceptance"] is None
+        assert config["preset"] == "paper" and config["acceptance"] is None
+        assert config["tr_model"] == "first_order"  # --first-order over the paper's L-SR1
+    if optimizer == "sapts":  # no preset given: the default, recorded explicitly
+        assert config["preset"] == "tuning_free" and config["tr_model"] == "first_order"
+    if optimizer == "tr":
+        assert config["preset"] is None and config["tr_model"] == "sr1"
     assert config["resolved"]["train_samples"] == N_TRAIN
     assert config["resolved"]["num_params"] == 784 * 16 + 16 + 16 * 10 + 10
     printed = capsys.readouterr().out
@@ -219,17 +224,45 @@ def test_model_choices_match_the_registry():
 
 def test_apts_option_flags_match_the_library():
     from apts_jax import _validate
-    from apts_jax.app.config import APTS_OPTION_FLAGS, PRESET_CHOICES
-    from apts_jax.apts_transform import PRESETS
+    from apts_jax.app.config import APTS_OPTION_FLAGS, DEFAULT_PRESET, PRESET_CHOICES
+    from apts_jax.apts_transform import DEFAULT_OPTIONS, PRESETS
 
     for name, choices in APTS_OPTION_FLAGS.items():
         assert choices == _validate.APTS_OPTION_CHOICES[name], name
     assert set(PRESET_CHOICES) == set(PRESETS)
+    assert PRESETS[DEFAULT_PRESET] is DEFAULT_OPTIONS
     cfg = cli.parse_train_args(["--optimizer", "sapts", "--preset", "paper", "--acceptance",
                                 "nonmonotone", "--nonmonotone-window", "3"])
     assert cfg.apts_options() == {"preset": "paper", "acceptance": "nonmonotone",
                                   "nonmonotone_window": 3}
     assert cli.parse_train_args(["--optimizer", "sapts"]).apts_options() == {}
+
+
+@pytest.mark.parametrize(
+    "argv, num_train, want",
+    [
+        # the default: tuning-free preset, first-order model, max(256, min(10000, n)/16) samples
+        (["--optimizer", "sapts"], 60_000, ("tuning_free", False, 624, 5)),
+        (["--optimizer", "sapts", "--subdomains", "1"], 60_000, ("tuning_free", False, 625, 5)),
+        (["--optimizer", "sapts"], 2_000, ("tuning_free", False, 256, 5)),
+        (["--optimizer", "sapts", "--second-order"], 60_000, ("tuning_free", True, 624, 5)),
+        # the paper's method: L-SR1 and its 10,000-sample minibatches
+        (["--optimizer", "sapts", "--preset", "paper"], 60_000, ("paper", True, 10_000, 5)),
+        (["--optimizer", "sapts", "--preset", "paper", "--subdomains", "3"], 5_000,
+         ("paper", True, 4_998, 5)),
+        (["--optimizer", "apts", "--preset", "paper", "--first-order"], 60_000,
+         ("paper", False, None, 5)),
+        (["--optimizer", "apts"], 60_000, ("tuning_free", False, None, 5)),
+        (["--optimizer", "tr"], 60_000, (None, True, None, 5)),
+        (["--optimizer", "tr", "--first-order"], 60_000, (None, False, None, 5)),
+    ],
+)
+def test_resolved_defaults_follow_the_preset(argv, num_train, want):
+    from apts_jax.app.train import resolve_config
+
+    cfg = resolve_config(cli.parse_train_args([*argv, "--devices", "1"]), num_train)
+    assert (cfg.preset, cfg.second_order, cfg.batch_size, cfg.local_steps) == want
+    assert cfg.tr_model == ("sr1" if want[1] else "first_order")
 
 
 @pytest.mark.parametrize(

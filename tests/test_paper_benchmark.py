@@ -18,10 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper.py"
-ONLY = r"^fashion_mnist/(lbfgs|apts-N2-fo|sapts-N2-fo|adam-b128|sgd-b500-lr1\.00e-02)"
+ONLY = r"^fashion_mnist/(lbfgs|apts-N2-fo|sapts-N2-(fo|default)|adam-b128|sgd-b500-lr1\.00e-02)"
 EXPECTED = {
     "lbfgs-s0", "apts-N2-fo-s0", "sapts-N2-fo-b500-s0", "adam-b128-lr1.00e-03-s0",
-    "adam-b128-lr1.00e-02-s0", "sgd-b500-lr1.00e-02-s0",
+    "adam-b128-lr1.00e-02-s0", "sgd-b500-lr1.00e-02-s0", "sapts-N2-default-b256-s0",
 }
 HISTORY_KEYS = {
     "epoch": int, "iterations": int, "wall_time_s": float, "train_time_s": float,
@@ -139,7 +139,7 @@ def test_quick_paper_protocol_schema_and_resume(tmp_path: Path) -> None:
               "--datasets", "fashion_mnist"]
 
     first = run_paper(*common, "--max-runs", "3")
-    assert "6 to run" in first.stdout and "ran 3 run(s)" in first.stdout, first.stdout
+    assert "7 to run" in first.stdout and "ran 3 run(s)" in first.stdout, first.stdout
     ds_dir = out / "fashion_mnist"
     done = {p.stem for p in ds_dir.glob("*.json")}
     assert len(done) == 3 and done <= EXPECTED
@@ -148,10 +148,10 @@ def test_quick_paper_protocol_schema_and_resume(tmp_path: Path) -> None:
     assert not (ds_dir / ".work").exists()  # work folders are removed once a run is finished
 
     listing = run_paper(*common, "--dry-run", "--no-probe")
-    assert listing.stdout.count("[done   ]") == 3 and listing.stdout.count("[todo   ]") == 3
+    assert listing.stdout.count("[done   ]") == 3 and listing.stdout.count("[todo   ]") == 4
 
     second = run_paper(*common)
-    assert "3 finished (skipped), 3 to run" in second.stdout, second.stdout
+    assert "3 finished (skipped), 4 to run" in second.stdout, second.stdout
     assert {p.stem for p in ds_dir.glob("*.json")} == EXPECTED
     for name, content in before.items():
         assert (ds_dir / f"{name}.json").read_bytes() == content  # finished runs untouched
@@ -160,12 +160,14 @@ def test_quick_paper_protocol_schema_and_resume(tmp_path: Path) -> None:
         check_run(json.loads((ds_dir / f"{name}.json").read_text()), epochs)
     check_summary(json.loads((out / "summary.json").read_text()), epochs)
     md = (out / "summary.md").read_text()
-    assert "| apts-N2-fo |" in md and "(best)" in md
+    assert "| apts-N2-fo |" in md and "(best)" in md and "| sapts-N2-default-b256 |" in md
+    default = json.loads((ds_dir / "sapts-N2-default-b256-s0.json").read_text())
+    assert "--preset" not in default["argv"] and "--local-steps" in default["argv"]
     assert (out / "fashion_mnist_fig1_apts.png").stat().st_size > 10_000
     assert (out / "fashion_mnist_fig2_sapts.png").stat().st_size > 10_000
 
     third = run_paper(*common, "--no-plots")
-    assert "6 finished (skipped), 0 to run" in third.stdout
+    assert "7 finished (skipped), 0 to run" in third.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,8 +241,9 @@ def test_summary_selects_best_and_median_lr_and_time_to_target() -> None:
 def test_plan_names_and_counts() -> None:
     paper = _load_paper_module()
     full = paper.plan(paper.FULL, ["fashion_mnist"])
-    # 3 seeds x (APTS and SAPTS: 3 N x 2 models; Adam and SGD: 2 batches x 13 lrs; L-BFGS).
-    assert len(full) == 3 * (2 * 6 + 2 * 26 + 1)
+    # 3 seeds x (APTS and SAPTS: 3 N x 2 models of the paper's method; SAPTS: 3 N with the
+    # library's default; Adam and SGD: 2 batches x 13 lrs; L-BFGS).
+    assert len(full) == 3 * (2 * 6 + 3 + 2 * 26 + 1)
     names = {s.name for s in full}
     assert len(names) == len(full)
     assert {"apts-N4-sr1-s2", "sapts-N1-fo-b10000-s0", "adam-b128-lr1.00e-05-s0",
@@ -250,4 +253,11 @@ def test_plan_names_and_counts() -> None:
     by_name = {s.name: s for s in full}
     argv = by_name["sapts-N2-sr1-b10000-s0"].argv(paper.FULL, Path("out"), None)
     assert argv[argv.index("--local-steps") + 1] == "5" and "--second-order" in argv
+    assert argv[argv.index("--preset") + 1] == "paper"  # pinned, whatever the default
+    # The default configuration: no preset, no model flag, the library's minibatch rule.
+    assert {"sapts-N1-default-b625-s0", "sapts-N4-default-b624-s2"} <= names
+    assert not any(s.order == "default" and s.method == "apts" for s in full)
+    argv = by_name["sapts-N2-default-b624-s1"].argv(paper.FULL, Path("out"), None)
+    assert "--preset" not in argv and "--second-order" not in argv and "--first-order" not in argv
+    assert argv[argv.index("--batch-size") + 1] == "624"
     assert "--local-steps" not in by_name["adam-b128-lr1.00e-05-s0"].argv(paper.FULL, Path("o"), None)

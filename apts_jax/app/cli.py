@@ -124,15 +124,19 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="local trust-region steps per subdomain and outer iteration "
                         "(default %(default)s)")
     order = g.add_mutually_exclusive_group()
-    order.add_argument("--second-order", dest="second_order", action="store_true", default=True,
-                       help="L-SR1 quadratic model, OBS subproblem solver (default)")
+    order.add_argument("--second-order", dest="second_order", action="store_true", default=None,
+                       help="L-SR1 quadratic model, OBS subproblem solver (default of tr and of "
+                            "apts/sapts --preset paper)")
     order.add_argument("--first-order", dest="second_order", action="store_false",
-                       help="first-order trust-region model (steepest descent to the boundary)")
+                       help="first-order trust-region model (steepest descent to the boundary; "
+                            "default of apts/sapts)")
     g.add_argument("--memory", type=_positive_int, default=d["memory"], metavar="M",
                    help="L-SR1 memory size (L-BFGS memory for lbfgs; default %(default)s)")
     g.add_argument("--preset", choices=PRESET_CHOICES, default=None,
-                   help="apts/sapts: 'paper' runs the paper's Algorithm 1 exactly (the options "
-                        "below then change single choices of it)")
+                   help="apts/sapts: 'tuning_free' (default: first-order model, adaptive local "
+                        "boundary, mean combination, adaptive norm; sapts minibatch max(256, "
+                        "10000/16)) or 'paper', the paper's Algorithm 1 exactly (L-SR1, sapts "
+                        "minibatch 10000); the options below change single choices of it")
     g.add_argument("--local-boundary", choices=APTS_OPTION_FLAGS["local_boundary"], default=None,
                    help="apts/sapts: 'ball' caps the local radius at Delta/N (paper); 'adaptive' "
                         "lets it adapt up to max_radius/N (the authors' code)")
@@ -147,6 +151,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm", choices=APTS_OPTION_FLAGS["norm"], default=None,
                    help="apts/sapts: trust-region norm, 'l2' (paper) or the ellipsoidal "
                         "'adaptive' norm scaled by Adam's second moment")
+    g.add_argument("--global-step", choices=APTS_OPTION_FLAGS["global_step"], default=None,
+                   help="apts/sapts: 'tr' runs the paper's global trust-region step after the "
+                        "APTS step (step 5; default), 'none' skips it")
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate of adam (default 1e-3) / sgd (default 0.01)")
     g.add_argument("--momentum", type=_fraction, default=None,
@@ -155,8 +162,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batches and epochs")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="minibatch size (sapts: summed over subdomains, a multiple of N; "
-                        "default 2000 rounded down to a multiple of N; adam/sgd: default 128; "
-                        "tr: full batch unless given; not for apts/lbfgs)")
+                        "default max(256, min(10000, samples)/16), with --preset paper "
+                        "min(10000, samples), rounded down to a multiple of N; adam/sgd: default "
+                        "128; tr: full batch unless given; not for apts/lbfgs)")
     g.add_argument("--overlap", type=_fraction, default=d["overlap"], metavar="R",
                    help="sapts: fraction of a minibatch shared with the next one "
                         "(default %(default)s)")
@@ -286,7 +294,7 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     values.update(
         hidden=tuple(args.hidden) if args.hidden else None,
         subdomains=args.subdomains if opt in SUBDOMAIN_METHODS else None,
-        second_order=bool(args.second_order),
+        second_order=None if args.second_order is None else bool(args.second_order),
         lr=lr,
         momentum=momentum,
         out=out,

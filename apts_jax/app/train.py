@@ -39,11 +39,19 @@ from apts_jax.app.callbacks import (
     echo,
 )
 from apts_jax.app.checkpoint import Checkpointer
-from apts_jax.app.config import DEFAULTS, RESUME_MAY_CHANGE, SUBDOMAIN_METHODS, TrainConfig, UsageError
+from apts_jax.app.config import (
+    DEFAULT_PRESET,
+    DEFAULTS,
+    RESUME_MAY_CHANGE,
+    SUBDOMAIN_METHODS,
+    TrainConfig,
+    UsageError,
+)
 from apts_jax.app.methods import build_method
 from apts_jax.app.metrics import atomic_write_text
 from apts_jax.app.problem import Evaluator, Problem, load_problem
 from apts_jax.app.trainer import Method, StepInfo, Trainer, TrainLog
+from apts_jax.apts_transform import PRESETS, default_minibatch
 
 __all__ = [
     "Evaluator",
@@ -79,14 +87,22 @@ def resolve_config(cfg: TrainConfig, num_train: int) -> TrainConfig:
                 raise UsageError(f"--subdomains {n} is not a multiple of --devices {d}")
             # All devices by default: use the most devices that divide N.
             d = max(k for k in range(1, d + 1) if n % k == 0)
-        cfg = cfg.replace(devices=d, subdomains=n)
+        # The preset is recorded explicitly (config.json, --resume checks), and with it the
+        # trust-region model when neither --first-order nor --second-order was given.
+        preset = cfg.preset or DEFAULT_PRESET
+        model = PRESETS[preset].model if cfg.second_order is None else cfg.tr_model
+        cfg = cfg.replace(devices=d, subdomains=n, preset=preset,
+                          second_order=model == "sr1")
     else:
-        cfg = cfg.replace(devices=1, subdomains=None)
+        cfg = cfg.replace(devices=1, subdomains=None,
+                          second_order=True if cfg.second_order is None else cfg.second_order)
     b = cfg.batch_size
     if opt == "sapts":
         n = cfg.subdomains
-        if b is None:
-            b = max(n, n * (min(DEFAULTS["sapts_batch"], num_train) // n))
+        if b is None and cfg.preset == "paper":
+            b = max(n, n * (min(DEFAULTS["paper_sapts_batch"], num_train) // n))
+        elif b is None:
+            b = default_minibatch(num_train, n) if num_train >= n else n
         if b % n:
             raise UsageError(f"--batch-size {b} is not divisible by --subdomains {n}")
     elif opt in ("adam", "sgd") and b is None:
