@@ -99,7 +99,7 @@ def check_run(doc: dict, epochs: int) -> None:
     for key in ("cores", "jax", "backend", "num_devices"):
         assert key in doc["machine"]
     if doc["method"] in ("apts", "sapts"):
-        assert doc["params"]["subdomains"] == 2 and doc["params"]["order"] == "fo"
+        assert doc["params"]["subdomains"] == 2 and doc["params"]["order"] in ("fo", "default")
         assert doc["devices"] == 2
         assert hist[-1]["radius"] is not None
 
