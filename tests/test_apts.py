@@ -749,8 +749,8 @@ def test_recorded_optax_face_trajectory_float64(x64):
     want = [0.5881392743843715, 0.37713996514236114, 0.23242640350661425, 0.21249782503599626,
             0.16696291461664303, 0.14307444828506055]
     for reuse in (True, False):
-        run = _vmap_apts_run(apts(AXIS, local_steps=3, reuse_value_and_grad=reuse), 4, p0,
-                             batches)
+        run = _vmap_apts_run(apts(AXIS, local_steps=3, reuse_value_and_grad=reuse,
+                                  preset="paper"), 4, p0, batches)
         np.testing.assert_allclose([v for *_, v in run], want, rtol=1e-9)
     np.testing.assert_allclose(
         run[-1][0], [0.09537894588638073, 3.5219831781392834, 1.5943622589740158,

@@ -170,7 +170,7 @@ def test_trajectory_independent_of_device_count_float64_default_radii(x64, layou
     runs = {}
     for n, d in (layout, reference):
         lay = parallel.subdomain_layout(n, devices=d)
-        prog = parallel.make_apts(logistic_loss, p0, lay, model="sr1")
+        prog = parallel.make_apts(logistic_loss, p0, lay, model="sr1", preset="paper")
         sharded = parallel.split_data(lay, data)
         state = prog.init(p0, sharded)
         params = []
