@@ -14,9 +14,9 @@ Protocol (full mode; every optimizer gets the same number of epochs, ``--epochs`
   same ``N``, models and configuration; one epoch = one pass of the sampler;
 * **SAPTS with the library's default** (order ``default``: ``preset="tuning_free"``, first-order
   model, adaptive local boundary, mean combination, ellipsoidal norm; no ``--preset`` and no
-  model flag, so the run is whatever ``apts-jax train`` does by default), minibatches of
-  :func:`apts_jax.default_minibatch` (624 for N = 2, 4 and 625 for N = 1 on 60,000 samples),
-  ``nu = 5``, the same ``N`` and overlaps;
+  model or ``--local-steps`` flag, so the run is whatever ``apts-jax train`` does by default:
+  ``nu = 5`` today), minibatches of :func:`apts_jax.default_minibatch` (624 for N = 2, 4 and 625
+  for N = 1 on 60,000 samples), the same ``N`` and overlaps;
 * **Adam** over 13 learning rates log-spaced in [1e-5, 1e-1], at batch 10,000 and at batch 128;
 * **SGD** (momentum 0.9) over the same learning rates and batch sizes;
 * **L-BFGS** (``optax.lbfgs``, zoom line search, memory 5), full batch, 1 iteration per epoch;
@@ -179,10 +179,10 @@ class RunSpec:
             a += ["--subdomains", str(self.subdomains)]
             if devices is not None:
                 a += ["--devices", str(devices)]
-            if self.order != "default":  # the default: no preset, no model flag
+            if self.order != "default":  # the default: no preset, model or nu flag
                 a += ["--preset", "paper",
-                      "--second-order" if self.order == "sr1" else "--first-order"]
-            a += ["--local-steps", str(proto.local_steps)]
+                      "--second-order" if self.order == "sr1" else "--first-order",
+                      "--local-steps", str(proto.local_steps)]
         if self.method in ("apts", "lbfgs"):
             a += ["--iterations-per-epoch", str(proto.full_batch_iterations)]
         if self.method in ("sapts", "adam", "sgd"):

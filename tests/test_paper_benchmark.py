@@ -162,7 +162,7 @@ def test_quick_paper_protocol_schema_and_resume(tmp_path: Path) -> None:
     md = (out / "summary.md").read_text()
     assert "| apts-N2-fo |" in md and "(best)" in md and "| sapts-N2-default-b256 |" in md
     default = json.loads((ds_dir / "sapts-N2-default-b256-s0.json").read_text())
-    assert "--preset" not in default["argv"] and "--local-steps" in default["argv"]
+    assert "--preset" not in default["argv"] and "--local-steps" not in default["argv"]
     assert (out / "fashion_mnist_fig1_apts.png").stat().st_size > 10_000
     assert (out / "fashion_mnist_fig2_sapts.png").stat().st_size > 10_000
 
@@ -249,7 +249,8 @@ def test_plan_names_and_counts() -> None:
     assert {"apts-N4-sr1-s2", "sapts-N1-fo-b10000-s0", "adam-b128-lr1.00e-05-s0",
             "sgd-b10000-lr1.00e-01-s1", "lbfgs-s0"} <= names
     assert paper.FULL.lrs[0] == 1e-5 and paper.FULL.lrs[-1] == 1e-1 and len(paper.FULL.lrs) == 13
-    # The paper's nu = 5 local iterations for every APTS/SAPTS run, no flag for the baselines.
+    # The paper's nu = 5 local iterations for every run of the paper's method, no flag for the
+    # baselines.
     by_name = {s.name: s for s in full}
     argv = by_name["sapts-N2-sr1-b10000-s0"].argv(paper.FULL, Path("out"), None)
     assert argv[argv.index("--local-steps") + 1] == "5" and "--second-order" in argv
@@ -259,5 +260,6 @@ def test_plan_names_and_counts() -> None:
     assert not any(s.order == "default" and s.method == "apts" for s in full)
     argv = by_name["sapts-N2-default-b624-s1"].argv(paper.FULL, Path("out"), None)
     assert "--preset" not in argv and "--second-order" not in argv and "--first-order" not in argv
+    assert "--local-steps" not in argv  # the CLI's default nu
     assert argv[argv.index("--batch-size") + 1] == "624"
     assert "--local-steps" not in by_name["adam-b128-lr1.00e-05-s0"].argv(paper.FULL, Path("o"), None)
