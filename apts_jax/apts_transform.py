@@ -233,10 +233,13 @@ def resolve_options(
     curvature_pairs: str | None = None,
     global_step: str | None = None,
     model: str | None = None,
+    memory_size: int | None = None,
 ) -> APTSOptions:
     """The validated :class:`APTSOptions`: ``preset`` (a name of :data:`PRESETS`, an
     :class:`APTSOptions`, or None for :data:`DEFAULT_OPTIONS`) with the keywords that are not
-    None replacing its fields. Raises ``ValueError``/``TypeError`` naming the bad value."""
+    None replacing its fields. With ``memory_size`` (the factories' L-SR1 memory) the resolved
+    model is checked together with it. Raises ``ValueError``/``TypeError`` naming the bad
+    value."""
     if preset is None:
         base = DEFAULT_OPTIONS
     elif isinstance(preset, APTSOptions):
@@ -254,11 +257,13 @@ def resolve_options(
         k: v for k, v in dict(
             local_boundary=local_boundary, combine=combine, acceptance=acceptance,
             nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-            global_step=global_step,
-            model=model,
+            global_step=global_step, model=model,
         ).items() if v is not None
     }
-    return _validate.apts_options(base._replace(**given))
+    options = _validate.apts_options(base._replace(**given))
+    if memory_size is not None:
+        _validate.model(options.model, memory_size)
+    return options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1029,11 +1034,9 @@ def apts(
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-        global_step=global_step,
-        model=model,
+        global_step=global_step, model=model, memory_size=memory_size,
     )
     model = options.model
-    _validate.model(model, memory_size)
     config = _validate.radius_config(
         radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,

@@ -363,11 +363,9 @@ def make_apts(
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-        global_step=global_step,
-        model=model,
+        global_step=global_step, model=model, memory_size=memory_size,
     )
     model = options.model
-    _validate.model(model, memory_size)
     config = _validate.radius_config(
         radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
@@ -563,10 +561,8 @@ def solve(
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-        global_step=global_step,
-        model=model,
+        global_step=global_step, model=model, memory_size=memory_size,
     )  # validated before any device work
-    _validate.model(options.model, memory_size)
     layout = subdomain_layout(subdomains, devices)
     sharded = split_data(layout, data)
     prog = make_apts(

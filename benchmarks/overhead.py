@@ -14,8 +14,8 @@ loss (vmapped like the local phase) followed by two block evaluations -- and rep
 Setting (the paper's scale): a 784-512-256-10 ReLU MLP (535,818 parameters, softmax
 cross-entropy, float32), the 60,000 Fashion-MNIST training samples (random data of the same
 shape when the data set is not installed), ``N`` in {1, 2, 4} subdomains on ``N`` simulated CPU
-devices (one subdomain per device), ``nu = 5``, the L-SR1 model and the paper's method
-(``--preset tuning_free --model first_order`` measures the library's default). On a machine with fewer cores
+devices (one subdomain per device), ``nu = 5``, the paper's method with its L-SR1 model
+(``--preset tuning_free`` measures the library's default). On a machine with fewer cores
 than devices the simulated devices share the cores, in the step and in the reference alike.
 
 Timing. After compiling everything, the outer iterations of all ``N`` run round-robin: for
@@ -73,9 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="(step, evaluations) pairs timed per outer iteration; the min is kept")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--local-steps", type=int, default=5, help="nu")
-    p.add_argument("--model", choices=["sr1", "first_order"], default="sr1")
     p.add_argument("--preset", choices=["paper", "tuning_free"], default="paper",
                    help="APTS options (default: the paper's method, as the recorded results)")
+    p.add_argument("--model", choices=["sr1", "first_order"], default=None,
+                   help="trust-region model (default: the preset's, L-SR1 for paper)")
     p.add_argument("--random-data", action="store_true", help="do not look for Fashion-MNIST")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
     from jax.sharding import PartitionSpec as P
 
     from apts_jax import _tree, hlo, parallel, to_varying
+    from apts_jax.apts_transform import PRESETS
 
     machine = machine_info()
     sizes = cfg["sizes"]
@@ -137,8 +139,9 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
     params = init_mlp(jax.random.key(args.seed), sizes)
     spec = _tree.flat_spec(params)
     nu = args.local_steps
+    model = args.model or PRESETS[args.preset].model
     log(f"MLP {'-'.join(map(str, sizes))} ({spec.size:,} params), {x.shape[0]} samples "
-        f"({source}), N in {cfg['ns']}, nu = {nu}, model {args.model}, "
+        f"({source}), N in {cfg['ns']}, nu = {nu}, model {model}, "
         f"{cfg['repeats']} repeats; {machine['cores_available']} cores")
 
     def make_reference(layout: parallel.SubdomainLayout):
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
     for n in cfg["ns"]:
         layout = parallel.subdomain_layout(n, n)
         data = parallel.split_data(layout, (x[: x.shape[0] // n * n], y[: x.shape[0] // n * n]))
-        prog = parallel.make_apts(loss_fn, params, layout, local_steps=nu, model=args.model,
+        prog = parallel.make_apts(loss_fn, params, layout, local_steps=nu, model=model,
                                   preset=args.preset)
         ref = make_reference(layout)
         t0 = time.perf_counter()
@@ -271,7 +274,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any], log=print) -> dict[str, A
             "data": source,
             "ns": list(cfg["ns"]),
             "local_steps": nu,
-            "model": args.model,
+            "model": model,
             "preset": args.preset,
             "repeats": cfg["repeats"],
             "inner": cfg["inner"],
