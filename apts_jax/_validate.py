@@ -121,13 +121,15 @@ def local_steps(value: Any) -> int:
 
 
 def split_kwargs(
-    fn: Callable[..., Any], kwargs: dict[str, Any], who: str
+    fn: Callable[..., Any], kwargs: dict[str, Any], who: str, *, strict: bool = True
 ) -> dict[str, Any]:
-    """The keyword arguments of ``kwargs`` that ``fn`` accepts; raise on any other.
+    """The keyword arguments of ``kwargs`` that ``fn`` accepts; raise on any other (``strict``).
 
     Like optax's line searches, a keyword is passed iff ``fn``'s signature names it; a function
     with ``**kwargs`` receives everything. The first positional parameter (the params) is never
-    filled from ``kwargs``. (Hand-written: optax has no public helper for this.)
+    filled from ``kwargs``. With ``strict=False`` the others are dropped silently (for a second
+    function that shares the extra arguments already checked against the first). (Hand-written:
+    optax has no public helper for this.)
     """
     try:
         sig = inspect.signature(fn)
@@ -147,7 +149,7 @@ def split_kwargs(
         and p.name != first
     }
     rest = sorted(k for k in kwargs if k not in names)
-    if rest:
+    if rest and strict:
         raise TypeError(
             f"Unexpected keyword arguments passed to {who}: {rest} are not accepted by "
             "value_fn. Add them to value_fn's signature or stop passing them."
@@ -162,20 +164,18 @@ APTS_OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "combine": ("sum", "mean"),
     "acceptance": ("monotone", "nonmonotone"),
     "norm": ("l2", "adaptive"),
-    "curvature_pairs": ("same_batch",),
+    "curvature_pairs": ("same_batch", "multi_batch"),
     "model": ("sr1", "first_order"),
     "global_step": ("tr", "none"),
 }
-
-#: Options named in issue 11 that are not implemented yet (a clear error instead of "unknown").
-_NOT_IMPLEMENTED = {"curvature_pairs": ("multi_batch",)}
 
 
 def apts_options(options: Any) -> Any:
     """Check an ``APTSOptions`` (duck-typed NamedTuple) and return it with normalised fields.
 
     String fields must be one of :data:`APTS_OPTION_CHOICES`; ``nonmonotone_window`` must be a
-    Python int >= 1.
+    Python int >= 1; ``curvature_pairs="multi_batch"`` needs the memory it feeds (the global
+    step's L-SR1 memory: ``model="sr1"``, ``global_step="tr"``).
     """
     fields = getattr(options, "_fields", None)
     if fields is None:
@@ -185,10 +185,6 @@ def apts_options(options: Any) -> Any:
         )
     for name, allowed in APTS_OPTION_CHOICES.items():
         value = getattr(options, name)
-        if isinstance(value, str) and value in _NOT_IMPLEMENTED.get(name, ()):
-            raise ValueError(
-                f"{name}={value!r} is not implemented yet (issue 11); use {name}={allowed[0]!r}."
-            )
         if not isinstance(value, str) or value not in allowed:
             raise ValueError(
                 f"unknown {name} {value!r}; use one of {list(allowed)} ({name}={allowed[0]!r} is "
@@ -200,4 +196,17 @@ def apts_options(options: Any) -> Any:
             f"nonmonotone_window={window!r} must be an integer in [1, 10000] (the number of "
             "last accepted values the non-monotone test compares against); e.g. 5."
         )
+    if options.curvature_pairs == "multi_batch":
+        if options.model != "sr1":
+            raise ValueError(
+                f"curvature_pairs='multi_batch' forms the secant pairs of the global L-SR1 memory, "
+                f"but model={options.model!r} keeps none; pass model='sr1' (or "
+                "curvature_pairs='same_batch')."
+            )
+        if options.global_step != "tr":
+            raise ValueError(
+                "curvature_pairs='multi_batch' feeds the L-SR1 memory of the global step (step "
+                f"5), but global_step={options.global_step!r} skips it; pass global_step='tr' (or "
+                "curvature_pairs='same_batch')."
+            )
     return options

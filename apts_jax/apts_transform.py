@@ -48,8 +48,10 @@ step), ``combine`` (``"sum"`` as above, or ``"mean"``: :math:`\tilde s` and the 
 decrease are means, the local radius is :math:`\Delta_k`), ``acceptance`` (``"monotone"`` as
 above, or ``"nonmonotone"``: eq. 6's actual decrease from the maximum of the last ``W`` accepted
 values), ``norm`` (``"l2"`` or the ellipsoidal ``"adaptive"`` norm), ``model`` (``"sr1"`` or
-``"first_order"``) and ``global_step`` (``"tr"``: step 5 as above; ``"none"``: without it).
-:data:`PAPER` (``preset="paper"``) is the method described above, exactly. The default
+``"first_order"``), ``global_step`` (``"tr"``: step 5 as above; ``"none"``: without it) and
+``curvature_pairs`` (``"same_batch"``: the global memory takes step 5's pair; ``"multi_batch"``:
+one pair over the whole outer step, its gradients on the data that consecutive minibatches
+share). :data:`PAPER` (``preset="paper"``) is the method described above, exactly. The default
 (:data:`DEFAULT_OPTIONS` = :data:`TUNING_FREE`, ``preset="tuning_free"``) is the configuration
 that came closest to a learning-rate-tuned Adam without tuning (``benchmarks/tuning_free.py``):
 first-order model, adaptive local boundary, mean combination, ellipsoidal norm.
@@ -81,7 +83,7 @@ from apts_jax._tree import strong as _strong
 from apts_jax._vma import match_vma, varying_axes
 from apts_jax.lsr1 import LSR1Memory
 from apts_jax.radius import DEFAULT_RADIUS_CONFIG, RadiusConfig
-from apts_jax.tr import init_memory, iteration
+from apts_jax.tr import init_memory, iteration, offer_pair
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -153,7 +155,22 @@ class APTSOptions(NamedTuple):
         OBS in the scaled variables, L-SR1 pairs stored unscaled). Every radius, the local caps
         and eq. 5's bound are then in the scaled norm (:math:`D` has the units of a gradient, so
         the radius constants mean something else than for ``"l2"``).
-      curvature_pairs: ``"same_batch"`` (paper). (``"multi_batch"`` is not implemented yet.)
+      curvature_pairs: where the *global* L-SR1 memory's secant pairs come from.
+        ``"same_batch"`` (paper): the pair of the global TR iteration (step 5),
+        :math:`(s_g, \nabla f(\tilde\theta + s_g) - \nabla f(\tilde\theta))`, both gradients
+        on the iteration's batch. ``"multi_batch"`` (Berahas, Nocedal & Takáč, "A multi-batch
+        L-BFGS method for machine learning", NeurIPS 2016): one pair per outer iteration over
+        the whole outer step, :math:`s_k = \theta_{k+1} - \theta_k`, :math:`y_k =
+        \nabla f_{O_k}(\theta_{k+1}) - \nabla f_{O_k}(\theta_k)` with :math:`O_k` the
+        samples the iteration's minibatch shares with the next one (the ``pair`` data of the
+        factories: two gradient evaluations on :math:`O_k` and one more gradient-sized
+        all-reduce per outer iteration). Without pair data :math:`O_k` is the iteration's own
+        batch (full-batch APTS: the next batch is the same), and the pair costs no evaluation
+        (:math:`\nabla f(\theta_{k+1})` and :math:`\nabla f(\theta_k)` on that batch are
+        known). Offered at every outer iteration through the SR1 skip rule; when both steps
+        were rejected :math:`s_k = 0` and nothing is stored. Needs
+        ``model="sr1"`` and ``global_step="tr"``. The local phases keep their same-batch pairs
+        (their gradients are on the subdomain's own data, at no extra cost).
       model: the trust-region model of the local phases and the global step, ``"sr1"`` (paper:
         L-SR1 with the OBS subproblem solver) or ``"first_order"`` (the step to the boundary
         along :math:`-g`, in the trust-region norm). The ``model`` argument of the factories
@@ -608,6 +625,7 @@ def outer_step(
     config: RadiusConfig = DEFAULT_RADIUS_CONFIG,
     skip_tol: float = 1e-8,
     options: APTSOptions = DEFAULT_OPTIONS,
+    pair_grad: Callable[[Array], Array] | None = None,
 ) -> tuple[OuterState, OuterInfo]:
     """One APTS outer iteration (Algorithm 1, steps 2–5) for a block of ``b`` subdomains.
 
@@ -629,6 +647,11 @@ def outer_step(
       options: :class:`APTSOptions` (validated by the factories; default
         :data:`DEFAULT_OPTIONS`). For ``acceptance="nonmonotone"`` ``state.window`` must hold
         the window.
+      pair_grad: ``curvature_pairs="multi_batch"`` only: ``x -> (b, n)``, the gradients of the
+        block's subdomains at ``x`` (already varying, as for ``shard_value_and_grad``) on
+        their equal shares of the pair data :math:`O_k`; their mean over all subdomains is
+        :math:`\nabla f_{O_k}(x)`. None: :math:`O_k` is the iteration's own data (no extra
+        evaluation).
 
     Returns:
       ``(state, info)``: the :class:`OuterState` at :math:`\\theta_{k+1}` and an
@@ -636,6 +659,17 @@ def outer_step(
     """
     if model is None:
         model = options.model
+    multi_batch = options.curvature_pairs == "multi_batch"
+    if multi_batch and (model != "sr1" or options.global_step != "tr"):
+        raise ValueError(
+            "outer_step: curvature_pairs='multi_batch' needs model='sr1' and global_step='tr' "
+            f"(got model={model!r}, global_step={options.global_step!r})."
+        )
+    if pair_grad is not None and not multi_batch:
+        raise ValueError(
+            "outer_step: pair_grad is used only with curvature_pairs='multi_batch'; drop it or "
+            "set options.curvature_pairs='multi_batch'."
+        )
     n_sub = float(num_subdomains)
     b = state.local_value.shape[0]
     if data_block is None and b != 1:
@@ -723,8 +757,13 @@ def outer_step(
     res = iteration(
         global_vg, theta_t, value_t, grad_t, test.radius, state.global_memory,
         model=model, config=config, skip_tol=skip_tol, has_aux=True, aux=(lval_t, lgrad_t),
-        d_half=d_half,
+        d_half=d_half, store_pair=not multi_batch,
     )
+    global_memory = res.memory
+    if multi_batch:
+        global_memory = _multi_batch_pair(
+            state, res.params, res.grad, pair_grad, axis_name, n_sub, d_half, skip_tol
+        )
     new_lval, new_lgrad = res.aux
     window = state.window
     if nonmonotone:
@@ -735,7 +774,7 @@ def outer_step(
     new_state = OuterState(
         params=res.params, value=res.value, grad=res.grad, local_value=new_lval,
         local_grad=new_lgrad, radius=res.radius, local_memory=loc.memory,
-        global_memory=res.memory, window=window, norm_state=norm_state,
+        global_memory=global_memory, window=window, norm_state=norm_state,
     )
     info = OuterInfo(
         ratio=test.ratio,
@@ -750,6 +789,33 @@ def outer_step(
         evaluations=loc.iterations + 2,
     )
     return new_state, info
+
+
+def _multi_batch_pair(
+    state: OuterState,
+    new_params: Array,
+    new_grad: Array,
+    pair_grad: Callable[[Array], Array] | None,
+    axis_name: AxisName | None,
+    n_sub: float,
+    d_half: Array | None,
+    skip_tol: float,
+) -> Any:
+    r"""The global memory after offering the outer iteration's multi-batch pair
+    (``curvature_pairs="multi_batch"``): :math:`s_k = \theta_{k+1} - \theta_k`, :math:`y_k =
+    \nabla f_{O_k}(\theta_{k+1}) - \nabla f_{O_k}(\theta_k)`; with ``pair_grad`` None,
+    :math:`O_k` is the iteration's batch and both gradients are known (``new_grad``,
+    ``state.grad``). One all-reduce of the gradient difference otherwise."""
+    s = new_params - state.params
+    if pair_grad is None:
+        y = new_grad - state.grad
+    else:
+        diff = pair_grad(to_varying(new_params, axis_name)) - pair_grad(
+            to_varying(state.params, axis_name))
+        y = _all_sum(diff, axis_name) / n_sub
+    memory, _ = offer_pair(state.global_memory, s, y.astype(s.dtype), valid=jnp.any(s != 0),
+                           d_half=d_half, skip_tol=skip_tol)
+    return memory
 
 
 def _without_global_step(
@@ -986,6 +1052,14 @@ def apts(
     two batches: never use it there (``update(..., fresh_data=True)`` forces the re-reduction
     for one call, e.g. after the data changed).
 
+    Multi-batch curvature pairs (``model="sr1", curvature_pairs="multi_batch"``): pass
+    ``pair_fn=...``, the local loss on this subdomain's share of the samples the current batch
+    shares with the next one (equal shares on every instance; it receives the extra arguments its
+    signature names); the global memory then takes :math:`(\theta_{k+1} - \theta_k,
+    \nabla f_O(\theta_{k+1}) - \nabla f_O(\theta_k))`, two gradient evaluations of ``pair_fn``
+    per update. Without ``pair_fn`` the pair's gradients are on the current batch (no extra
+    evaluation; the right choice for a fixed data set).
+
     Layout. The state holds per-subdomain fields (``value``, ``grad``, ``local_memory``,
     ``info.local_iterations``, ``info.num_fun_evals``) and replicated ones (see
     :func:`apts_state_specs`). Under ``pmap``/``vmap`` stack it with ``jax.vmap(opt.init)``. Under
@@ -1028,7 +1102,8 @@ def apts(
         ``combine="sum"|"mean"``, ``acceptance="monotone"|"nonmonotone"`` with window
         ``nonmonotone_window`` (default 5), ``norm="l2"|"adaptive"`` (the ellipsoidal trust
         region; the state then carries ``norm_state``, replicated), ``global_step="tr"|"none"``
-        (step 5 or not).
+        (step 5 or not), ``curvature_pairs="same_batch"|"multi_batch"`` (the global memory's
+        pairs: step 5's, or one over the whole outer step; needs ``model="sr1"``).
     """
     _validate.local_steps(local_steps)
     options = resolve_options(
@@ -1087,6 +1162,7 @@ def apts(
         grad: Any = None,
         value_fn: Callable[..., Any] | None = None,
         fresh_data: bool = False,
+        pair_fn: Callable[..., Any] | None = None,
         **extra_args: Any,
     ) -> tuple[Any, APTSState]:
         if params is None:
@@ -1101,8 +1177,23 @@ def apts(
         _check_axis_bound(axis_name)
         _tree.check_same_structure(spec, updates, "updates")
         fn_kwargs = _validate.split_kwargs(value_fn, extra_args, "apts.update")
+        if pair_fn is not None and options.curvature_pairs != "multi_batch":
+            raise ValueError(
+                "apts: pair_fn is used only with curvature_pairs='multi_batch' (the secant pair "
+                "on the data shared with the next batch); drop it or build the optimizer with "
+                "apts(..., model='sr1', curvature_pairs='multi_batch')."
+            )
+        if pair_fn is not None and not callable(pair_fn):
+            raise TypeError(f"apts: pair_fn must be callable, got {type(pair_fn).__name__}.")
         n_inst = _num_instances(axis_name)
         x = _tree.ravel(spec, params)
+        pair_grad = None
+        if pair_fn is not None:
+            pair_kwargs = _validate.split_kwargs(pair_fn, extra_args, "apts.update", strict=False)
+
+            def pair_grad(z: Array) -> Array:
+                g = jax.grad(lambda flat: pair_fn(_tree.unravel(spec, flat), **pair_kwargs))(z)
+                return g.astype(x.dtype)[None]
 
         def shard_vg(z: Array, _: Any = None) -> tuple[Array, Array]:
             v, g = jax.value_and_grad(
@@ -1163,7 +1254,7 @@ def apts(
         out, oinfo = outer_step(
             shard_vg, None, outer,
             axis_name=axis_name, num_subdomains=n_inst, local_steps=local_steps, model=model,
-            config=config, skip_tol=skip_tol, options=options,
+            config=config, skip_tol=skip_tol, options=options, pair_grad=pair_grad,
         )
         info = APTSInfo(
             ratio=oinfo.ratio,

@@ -288,9 +288,15 @@ class APTSProgram(NamedTuple):
 
     Attributes:
       init: ``(params, data) -> APTSRunState`` (evaluates the loss once per subdomain).
-      step: ``(state, data) -> (state, OuterStats)``, one full-batch outer iteration.
-      fresh_step: ``(state, data) -> (state, OuterStats)``, one outer iteration on new data
-        (SAPTS: first re-evaluates the values/gradients at the current params on ``data``).
+      step: ``(state, data, pair=None) -> (state, OuterStats)``, one full-batch outer iteration.
+      fresh_step: ``(state, data, pair=None) -> (state, OuterStats)``, one outer iteration on
+        new data (SAPTS: first re-evaluates the values/gradients at the current params on
+        ``data``).
+
+    ``pair`` (``curvature_pairs="multi_batch"`` only): the samples that ``data`` shares with the
+    next minibatch, split like ``data`` (:func:`split_data`, equal shares per subdomain, e.g.
+    :meth:`apts_jax.data.OverlapSampler.overlap_batches`); the global memory's pair then has its
+    gradients on them (two evaluations of the shares). None: on ``data`` itself, at no cost.
       unravel: flat params -> params pytree.
       layout: the :class:`SubdomainLayout`.
     """
@@ -353,7 +359,8 @@ def make_apts(
     (``"monotone"``/``"nonmonotone"``) with ``nonmonotone_window``, ``norm``,
     ``curvature_pairs`` and ``global_step`` (see :class:`apts_jax.apts_transform.APTSOptions`);
     without ``preset`` the default is ``"tuning_free"`` (first-order model), and ``model``
-    replaces the preset's model when given.
+    replaces the preset's model when given. With ``curvature_pairs="multi_batch"`` ``step`` and
+    ``fresh_step`` take the pair data as a third argument (see :class:`APTSProgram`).
 
     ``init`` raises ``ValueError`` when the initial loss or gradient is not finite.
     """
@@ -406,12 +413,25 @@ def make_apts(
             norm_state=init_norm(options, spec.size, dtype),
         )
 
-    def step_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
+    def pair_grads(pair_blk: Any) -> Callable[[Array], Array] | None:
+        """The block's gradients on its shares of the pair data (multi-batch pairs)."""
+        if pair_blk is None:
+            return None
+        if options.curvature_pairs != "multi_batch":
+            raise ValueError(
+                "make_apts: pair data are used only with curvature_pairs='multi_batch'; call "
+                "step/fresh_step without them, or build the program with "
+                "curvature_pairs='multi_batch' (and model='sr1')."
+            )
+        return lambda xv: jax.vmap(lambda sh: shard_vg(xv, sh)[1])(pair_blk)
+
+    def step_body(state: APTSRunState, data_blk: Any, pair_blk: Any = None
+                  ) -> tuple[APTSRunState, OuterStats]:
         outer = OuterState(*(getattr(state, f) for f in OuterState._fields))
         out, info = outer_step(
             shard_vg, data_blk, outer,
             axis_name=axis, num_subdomains=n_sub, local_steps=local_steps, model=model,
-            config=config, skip_tol=skip_tol, options=options,
+            config=config, skip_tol=skip_tol, options=options, pair_grad=pair_grads(pair_blk),
         )
         evals = jax.lax.pmax(jnp.max(info.evaluations), axis)
         new = state._replace(
@@ -430,24 +450,31 @@ def make_apts(
         )
         return new, stats
 
-    def fresh_body(state: APTSRunState, data_blk: Any) -> tuple[APTSRunState, OuterStats]:
+    def fresh_body(state: APTSRunState, data_blk: Any, pair_blk: Any = None
+                   ) -> tuple[APTSRunState, OuterStats]:
         lv, lg, v, g = evaluate(state.params, data_blk)
         state = state._replace(
             value=v, grad=g, local_value=lv, local_grad=lg, num_fun_evals=state.num_fun_evals + 1
         )
-        return step_body(state, data_blk)
+        return step_body(state, data_blk, pair_blk)
 
     data_spec = P(axis)
     smap = functools.partial(jax.shard_map, mesh=layout.mesh, check_vma=check_vma)
     init_sm = jax.jit(smap(init_body, in_specs=(P(), data_spec), out_specs=state_specs))
-    step_sm = jax.jit(
-        smap(step_body, in_specs=(state_specs, data_spec), out_specs=(state_specs, stats_specs)),
-        donate_argnums=0,
-    )
-    fresh_sm = jax.jit(
-        smap(fresh_body, in_specs=(state_specs, data_spec), out_specs=(state_specs, stats_specs)),
-        donate_argnums=0,
-    )
+    step_map = smap(step_body, in_specs=(state_specs, data_spec, data_spec),
+                    out_specs=(state_specs, stats_specs))
+    fresh_map = smap(fresh_body, in_specs=(state_specs, data_spec, data_spec),
+                     out_specs=(state_specs, stats_specs))
+
+    def step_fn(state: APTSRunState, data: Any, pair: Any = None) -> tuple[APTSRunState, OuterStats]:
+        return step_map(state, data, pair)
+
+    def fresh_fn(state: APTSRunState, data: Any, pair: Any = None
+                 ) -> tuple[APTSRunState, OuterStats]:
+        return fresh_map(state, data, pair)
+
+    step_sm = jax.jit(step_fn, donate_argnums=0)
+    fresh_sm = jax.jit(fresh_fn, donate_argnums=0)
     replicated = NamedSharding(layout.mesh, P())
 
     def init(params: Any, data: Any) -> APTSRunState:

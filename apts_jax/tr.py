@@ -60,6 +60,7 @@ __all__ = [
     "init_state",
     "iteration",
     "next_state",
+    "offer_pair",
     "trust_region",
 ]
 
@@ -125,6 +126,42 @@ class IterationResult(NamedTuple):
     model_case: Array
 
 
+def offer_pair(
+    memory: LSR1Memory | ellipsoid.Pairs,
+    s: Array,
+    y: Array,
+    *,
+    valid: Array | bool = True,
+    d_half: Array | None = None,
+    scaled: LSR1Memory | None = None,
+    skip_tol: float = 1e-8,
+) -> tuple[LSR1Memory | ellipsoid.Pairs, Array]:
+    r"""Offer the secant pair :math:`(s, y)` to an L-SR1 memory (pure; straight-line code).
+
+    The pair is stored iff ``valid``, :math:`s \ne 0`, :math:`s` and :math:`y` are finite and the
+    SR1 skip rule of :func:`apts_jax.lsr1.update` passes (with ``d_half``: on the scaled pair
+    :math:`(D^{1/2}s, D^{-1/2}y)`, :func:`apts_jax.ellipsoid.update_pairs`, ``memory`` an
+    :class:`apts_jax.ellipsoid.Pairs` and ``scaled`` its scaled memory if already formed).
+    Otherwise ``memory`` comes back unchanged.
+
+    Returns:
+      ``(memory, stored)``, the memory in the dtypes of ``memory`` and a bool.
+    """
+    offer = jnp.asarray(valid, bool) & jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
+    # Feed zeros instead of non-finite entries so that no NaN is even computed with. A zero step
+    # is never stored (lsr1.update skips s = 0 and returns the memory unchanged), so no second
+    # select over the (n, m) buffers is needed.
+    s_in = jnp.where(offer, s, jnp.zeros_like(s))
+    y_in = jnp.where(offer, y, jnp.zeros_like(y))
+    if d_half is None:
+        candidate, stored = lsr1.update(memory, s_in, y_in, skip_tol=skip_tol)
+    else:
+        candidate, stored = ellipsoid.update_pairs(
+            memory, s_in, y_in, d_half, scaled=scaled, skip_tol=skip_tol
+        )
+    return jax.tree.map(_cast_like, candidate, memory), offer & jnp.asarray(stored, bool)
+
+
 def iteration(
     value_and_grad_fn: Callable[[Array], Any],
     params: Array,
@@ -139,6 +176,7 @@ def iteration(
     has_aux: bool = False,
     aux: Any = None,
     d_half: Array | None = None,
+    store_pair: bool = True,
 ) -> IterationResult:
     r"""One trust-region iteration on flat vectors (pure, jit/vmap friendly).
 
@@ -161,6 +199,9 @@ def iteration(
         (:mod:`apts_jax.ellipsoid`: OBS in the scaled variables, ``memory`` an
         :class:`apts_jax.ellipsoid.Pairs`, the skip rule on the scaled pair). ``step_norm`` and
         the radius are then in the scaled norm.
+      store_pair: offer the pair of this iteration to ``memory`` (step 6; default True). False
+        returns ``memory`` unchanged (``pair_stored`` False), for a caller that forms its pairs
+        otherwise (APTS with ``curvature_pairs="multi_batch"``).
 
     Returns:
       An :class:`IterationResult`; see the module docstring for the math.
@@ -220,29 +261,13 @@ def iteration(
     accepted = rho >= config.eta1
     new_radius = _cast_like(radius_lib.update_radius(radius, rho, ms.step_norm, config), radius)
 
-    if memory is not None:
-        y = trial_grad - grad
-        offer = (
-            trial_finite
-            & (ms.step_norm > 0)
-            & jnp.all(jnp.isfinite(ms.step))
-            & jnp.all(jnp.isfinite(y))
+    if memory is not None and store_pair:
+        new_memory, pair_stored = offer_pair(
+            memory, ms.step, trial_grad - grad, valid=trial_finite & (ms.step_norm > 0),
+            d_half=d_half, scaled=scaled, skip_tol=skip_tol,
         )
-        # Feed zeros instead of non-finite entries so that no NaN is even computed with.
-        s_in = jnp.where(offer, ms.step, jnp.zeros_like(ms.step))
-        y_in = jnp.where(offer, y, jnp.zeros_like(y))
-        # A zero step is never stored (lsr1.update skips s = 0 and returns the memory unchanged),
-        # so no second select over the (n, m) buffers is needed.
-        if d_half is None:
-            candidate, stored = lsr1.update(memory, s_in, y_in, skip_tol=skip_tol)
-        else:
-            candidate, stored = ellipsoid.update_pairs(
-                memory, s_in, y_in, d_half, scaled=scaled, skip_tol=skip_tol
-            )
-        pair_stored = offer & jnp.asarray(stored, bool)
-        new_memory = jax.tree.map(_cast_like, candidate, memory)
     else:
-        new_memory = None
+        new_memory = memory
         pair_stored = jnp.zeros((), bool)
 
     zero = jnp.zeros_like(params)

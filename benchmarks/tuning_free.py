@@ -426,6 +426,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
         **_FO_AME, "batch_scale": 0.0625, "min_batch": 256, "local_steps": 10,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatches 16x "
                        "smaller but at least 256 samples, nu = 10 local steps"},
+    # option 4: multi-batch curvature pairs for the global L-SR1 memory (needs the sr1 model)
+    "paper-mb": {**PAPER, "curvature_pairs": "multi_batch",
+                 "description": "paper, multi-batch curvature pairs (global pair over the outer "
+                                "step, gradients on the minibatch overlap)"},
+    "adaptive-mean-ell-b16x-min256-mb": {
+        **_AME, "batch_scale": 0.0625, "min_batch": 256, "curvature_pairs": "multi_batch",
+        "description": "adaptive + mean + ellipsoidal norm, minibatches 16x smaller but at least "
+                       "256 samples, multi-batch curvature pairs"},
     "fo-adaptive-mean-ell-bs256": {
         **_FO_AME, "batch_size": 256,
         "description": "first-order model + adaptive + mean + ellipsoidal norm, minibatch 256"},
@@ -749,6 +757,8 @@ def run_apts(spec: RunSpec, data: ProblemData, cfg: Mapping[str, Any],
     N = int(spec.subdomains or 1)
     params0 = data.init(spec.seed)
     stochastic = bool(runner.get("stochastic", True))
+    # Multi-batch curvature pairs: the samples each minibatch shares with the next, as pair data.
+    pairs = stochastic and kwargs.get("curvature_pairs") == "multi_batch"
     # One program (and one compiled step) per problem, configuration, N and batch: seeds share it.
     pkey = (spec.problem, json.dumps(dict(cfg), sort_keys=True, default=str), N, spec.batch_size)
     cached = _APTS_CACHE.get(pkey)
@@ -778,13 +788,17 @@ def run_apts(spec: RunSpec, data: ProblemData, cfg: Mapping[str, Any],
 
         t0 = time.perf_counter()
         first = batch(sampler.epoch(0).microbatches[0])
+        first_pair = batch(sampler.overlap_batches(0)[0]) if pairs else None
         data_s += time.perf_counter() - t0
     else:
         n_used = n - n % N
         full = split_data(layout, (x[:n_used], y[:n_used]))
         per_epoch = int(runner.get("iterations_per_epoch", 1))
         samples_per_eval = n_used
-        first = full
+        first, first_pair = full, None
+    # Samples of the two pair evaluations per outer iteration (counted in the data passes).
+    pair_samples = 2 * N * sampler.pair_share if pairs else 0
+    extra = (first_pair,) if pairs else ()
     t0 = time.perf_counter()
     state = prog.init(params0, first)
     jax.block_until_ready(state)
@@ -793,9 +807,10 @@ def run_apts(spec: RunSpec, data: ProblemData, cfg: Mapping[str, Any],
     if cached[1] is None:
         fn = prog.fresh_step if stochastic else prog.step
         t0 = time.perf_counter()
-        cached[1] = fn.lower(state, first).compile()
+        cached[1] = fn.lower(state, first, *extra).compile()
         compile_s = time.perf_counter() - t0
     step = cached[1]
+    iterations = 0
     history = [{"epoch": 0, "grad_evals": int(state.num_fun_evals),
                 "data_passes": int(state.num_fun_evals) * samples_per_eval / n,
                 "train_time_s": 0.0, "radius": float(state.radius), **evaluate(
@@ -803,22 +818,27 @@ def run_apts(spec: RunSpec, data: ProblemData, cfg: Mapping[str, Any],
     train_t = 0.0
     for e in range(1, spec.epochs + 1):
         micro = sampler.epoch(e - 1).microbatches if stochastic else None
+        shared = sampler.overlap_batches(e - 1) if pairs else None
         accepted = 0
         for k in range(per_epoch):
             if micro is not None:
                 t0 = time.perf_counter()
                 d = first if (e == 1 and k == 0) else batch(micro[k])
+                if pairs:
+                    extra = (first_pair if (e == 1 and k == 0) else batch(shared[k]),)
                 data_s += time.perf_counter() - t0
             else:
                 d = full
             t0 = time.perf_counter()
-            state, st = step(state, d)
+            state, st = step(state, d, *extra)
             jax.block_until_ready(state)
             train_t += time.perf_counter() - t0
             accepted += int(st.accepted)
+            iterations += 1
         evals = int(state.num_fun_evals)
         row = {"epoch": e, "iterations": e * per_epoch, "grad_evals": evals,
-               "data_passes": evals * samples_per_eval / n, "train_time_s": train_t,
+               "data_passes": (evals * samples_per_eval + iterations * pair_samples) / n,
+               "train_time_s": train_t,
                "radius": float(state.radius), "accepted_frac": accepted / per_epoch,
                "value": float(state.value), **evaluate(prog.unravel(state.params))}
         history.append(row)

@@ -1,6 +1,7 @@
 """Tests of the open choices of APTS (issue 11): :class:`apts_jax.apts_transform.APTSOptions`.
 
-* validation: unknown values, a bad window, an unknown preset, options not implemented yet;
+* validation: unknown values, a bad window, an unknown preset, an option without its model
+  (``curvature_pairs``: tests/test_curvature_pairs.py);
 * ``norm="adaptive"`` (the ellipsoidal trust region): one outer iteration against the numpy
   reference with :math:`D = |g| + \\epsilon`; :func:`apts_jax.tr.iteration` with
   :math:`D = I` is the L2 iteration;
@@ -208,8 +209,8 @@ def test_presets_the_default_and_every_field_is_validated():
     assert resolve_options(norm="adaptive").norm == "adaptive"
     with pytest.raises(ValueError, match="unknown norm 'linf'"):
         resolve_options(norm="linf")
-    with pytest.raises(ValueError, match="curvature_pairs='multi_batch' is not implemented"):
-        resolve_options(curvature_pairs="multi_batch")
+    with pytest.raises(ValueError, match="curvature_pairs='multi_batch' forms the secant pairs"):
+        resolve_options(curvature_pairs="multi_batch")  # the default model keeps no pairs
 
 
 def test_factories_reject_bad_options_before_any_work():
@@ -413,6 +414,7 @@ OPTION_SETS = {
     "all": (("local_boundary", "adaptive"), ("combine", "mean"), ("acceptance", "nonmonotone"),
             ("norm", "adaptive")),
     "no_global_step": (("global_step", "none"),),
+    "multi_batch_pairs": (("curvature_pairs", "multi_batch"),),  # full batch: pairs on the data
     "tuning_free": (("preset", "tuning_free"),),  # the default (first-order model)
 }
 

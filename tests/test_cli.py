@@ -169,6 +169,18 @@ def test_sapts_layout_is_recorded(tmp_path, data_dir):
     assert not (out / "loss.png").exists()
 
 
+def test_sapts_multi_batch_pairs_run(tmp_path, data_dir):
+    out = tmp_path / "run"
+    argv = ["--optimizer", "sapts", "--data-dir", str(data_dir), "--out", str(out), *TINY,
+            "--subdomains", "2", "--batch-size", "64", "--overlap", "0.25", "--no-plots",
+            "--second-order", "--curvature-pairs", "multi_batch"]
+    assert cli.main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["curvature_pairs"] == "multi_batch" and config["tr_model"] == "sr1"
+    # u = 1 + 2 x 31 = 63 distinct samples, o = floor(0.25 u) = 15: two shares of 7
+    assert "multi-batch curvature pairs on 14 overlap samples" in config["resolved"]["method"]
+
+
 @pytest.mark.slow  # heavy; run with pytest -m slow (CI time, issue 9)
 def test_entry_point_subprocess(tmp_path, data_dir):
     """``python -m apts_jax train`` in a fresh interpreter, with --devices simulating 2 CPUs."""
@@ -281,6 +293,8 @@ def test_resolved_defaults_follow_the_preset(argv, num_train, want):
         (["--model", "cnn", "--hidden", "8"], "--hidden builds a custom MLP"),
         (["--batch-size", "abc"], "expected an integer"),
         (["--optimizer", "adam", "--combine", "mean"], "--combine: APTS options"),
+        (["--optimizer", "tr", "--curvature-pairs", "multi_batch"],
+         "--curvature-pairs: APTS options"),
         (["--norm", "linf"], "invalid choice: 'linf'"),
         (["--nonmonotone-window", "3"], "needs --acceptance nonmonotone"),
     ],
@@ -308,6 +322,16 @@ def test_bad_flags_found_after_startup_exit_2(tmp_path, data_dir, capsys):
     # Default subdomain count (4 -> 8 on 8 devices) does not divide a given batch size.
     assert cli.main([*base, "--batch-size", "12", "--out", str(tmp_path / "c")]) == 2
     assert "not divisible by --subdomains 8" in capsys.readouterr().err
+    # Multi-batch pairs without the L-SR1 memory, or with too small an overlap.
+    assert cli.main([*base, "--curvature-pairs", "multi_batch", "--out", str(tmp_path / "d")]) == 2
+    assert "the tuning_free preset's model is first-order: add --second-order" in (
+        capsys.readouterr().err)
+    assert cli.main([*base, "--curvature-pairs", "multi_batch", "--second-order", "--global-step",
+                     "none", "--out", str(tmp_path / "e")]) == 2
+    assert "cannot be combined with --global-step none" in capsys.readouterr().err
+    assert cli.main([*base, "--curvature-pairs", "multi_batch", "--second-order", "--batch-size",
+                     "64", "--out", str(tmp_path / "f")]) == 2
+    assert "fewer than the 8 subdomains; raise --overlap" in capsys.readouterr().err
 
 
 def test_missing_dataset_exits_1(tmp_path, capsys, monkeypatch):

@@ -121,6 +121,24 @@ def test_run_resume_and_summary_end_to_end(tiny: None, tmp_path: Path,
     assert (out / "summary.md").read_text().count("### tiny") == 1
 
 
+def test_multi_batch_pairs_get_the_overlap_and_count_it(tiny: None, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = {**TINY_CONFIG, "model": "sr1", "curvature_pairs": "multi_batch", "overlap": 0.25}
+    monkeypatch.setitem(tf.CONFIGS, "tiny-mb", cfg)
+    out = tmp_path / "res"
+    assert tf.main(["--problems", "tiny", "--configs", "tiny-mb", "--methods", "apts", "--seeds",
+                    "0", "--out", str(out), "--quiet", "--no-plots"]) == 0
+    doc = json.loads((out / "tiny" / "full" / "tiny-mb-N2-s0.json").read_text())
+    assert doc["make_apts_kwargs"]["curvature_pairs"] == "multi_batch"
+    # batch 40 = 2 x 20, shared part 1: u = 39 distinct samples, overlap o = floor(0.25 u) = 9,
+    # two shares of 4; K = (240 - 9) // 30 = 7 minibatches per epoch. Each outer iteration adds
+    # two evaluations on the 8 pair samples to the data passes.
+    f = doc["final"]
+    assert f["iterations"] == 14
+    assert f["data_passes"] == pytest.approx((f["grad_evals"] * 40 + 14 * 2 * 8) / 240)
+    assert f["test_accuracy"] > 0.5
+
+
 def _doc(problem: str, group: str, method: str, seed: int, metric: str, values: list[float],
          times: list[float], **params: Any) -> dict[str, Any]:
     hist = [{"epoch": e, metric: v, "train_time_s": t, "train_loss": 1.0, "data_passes": e}

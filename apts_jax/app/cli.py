@@ -154,6 +154,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--global-step", choices=APTS_OPTION_FLAGS["global_step"], default=None,
                    help="apts/sapts: 'tr' runs the paper's global trust-region step after the "
                         "APTS step (step 5; default), 'none' skips it")
+    g.add_argument("--curvature-pairs", choices=APTS_OPTION_FLAGS["curvature_pairs"],
+                   default=None,
+                   help="apts/sapts with --second-order: secant pairs of the global L-SR1 "
+                        "memory, 'same_batch' from the global step (paper; default) or "
+                        "'multi_batch', one pair per outer iteration with its gradients on the "
+                        "samples consecutive minibatches share (Berahas et al. 2016)")
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate of adam (default 1e-3) / sgd (default 0.01)")
     g.add_argument("--momentum", type=_fraction, default=None,

@@ -47,6 +47,7 @@ APTS_OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "acceptance": ("monotone", "nonmonotone"),
     "norm": ("l2", "adaptive"),
     "global_step": ("tr", "none"),
+    "curvature_pairs": ("same_batch", "multi_batch"),
 }
 #: Mirrors apts_jax.apts_transform.PRESETS (a test checks that they agree).
 PRESET_CHOICES = ("tuning_free", "paper")
@@ -135,11 +136,12 @@ class TrainConfig:
     nonmonotone_window: int | None = None
     norm: str | None = None
     global_step: str | None = None
+    curvature_pairs: str | None = None
 
     def apts_options(self) -> dict[str, Any]:
         """The APTS option keywords given (for :func:`apts_jax.parallel.make_apts`)."""
         names = ("preset", "local_boundary", "combine", "acceptance", "nonmonotone_window", "norm",
-                 "global_step")
+                 "global_step", "curvature_pairs")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     @property

@@ -102,22 +102,38 @@ def apts_method(cfg: TrainConfig, problem: Problem) -> Method:
         k = sampler.batches_per_epoch
         per_epoch = _per_epoch(cfg, k)
         samples = cfg.batch_size
+        pairs = cfg.curvature_pairs == "multi_batch"
+        if pairs and sampler.pair_share == 0:
+            raise UsageError(
+                f"--curvature-pairs multi_batch: consecutive minibatches share "
+                f"{sampler.overlap_size} samples, fewer than the {N} subdomains; raise --overlap "
+                "or --batch-size"
+            )
         label = (f"SAPTS, minibatches of {cfg.batch_size} = {N} x {sampler.microbatch_size} "
                  f"(overlap {sampler.overlap_size} with the next, {sampler.shared_size} shared by "
                  f"all subdomains), {where}, {cfg.local_steps} local {_order(cfg)} TR steps, "
                  f"{per_epoch} of {k} minibatches per epoch")
+        if pairs:
+            label += (f"; multi-batch curvature pairs on {N * sampler.pair_share} overlap "
+                      "samples (2 evaluations of them per iteration, not in the data passes)")
 
         def batches(epoch: int) -> Iterator[Any]:
             # Sampler epochs are 0-based; microbatches[k] is (N, m): flattening it row by row and
             # letting split_data cut N equal shards puts microbatch i on subdomain i.
             micro = sampler.epoch(epoch - 1).microbatches
-            return (split_data(layout, problem.batch(m.reshape(-1))) for m in micro)
+            if not pairs:
+                return (split_data(layout, problem.batch(m.reshape(-1))) for m in micro)
+            shared = sampler.overlap_batches(epoch - 1)  # (K, N, q): the same row-wise split
+            return ((split_data(layout, problem.batch(m.reshape(-1))),
+                     split_data(layout, problem.batch(o.reshape(-1))))
+                    for m, o in zip(micro, shared, strict=True))
 
         def init() -> Any:
-            return prog.init(problem.params0, next(iter(batches(1))))
+            first = next(iter(batches(1)))
+            return prog.init(problem.params0, first[0] if pairs else first)
 
         def step(state: Any, batch: Any) -> tuple[Any, StepReport]:
-            state, st = prog.fresh_step(state, batch)
+            state, st = prog.fresh_step(state, *batch) if pairs else prog.fresh_step(state, batch)
             return state, StepReport(st.value, st.radius, st.accepted,
                                      grad_evals_total=state.num_fun_evals)
 

@@ -93,6 +93,16 @@ def resolve_config(cfg: TrainConfig, num_train: int) -> TrainConfig:
         model = PRESETS[preset].model if cfg.second_order is None else cfg.tr_model
         cfg = cfg.replace(devices=d, subdomains=n, preset=preset,
                           second_order=model == "sr1")
+        if cfg.curvature_pairs == "multi_batch" and model != "sr1":
+            raise UsageError(
+                "--curvature-pairs multi_batch forms the pairs of the L-SR1 memory; the "
+                f"{preset} preset's model is first-order: add --second-order"
+            )
+        if cfg.curvature_pairs == "multi_batch" and cfg.global_step == "none":
+            raise UsageError(
+                "--curvature-pairs multi_batch feeds the global step's L-SR1 memory; it cannot "
+                "be combined with --global-step none"
+            )
     else:
         cfg = cfg.replace(devices=1, subdomains=None,
                           second_order=True if cfg.second_order is None else cfg.second_order)

@@ -224,6 +224,34 @@ class OverlapSampler:
             permutation=pi,
         )
 
+    @property
+    def pair_share(self) -> int:
+        """``q = o // N``: samples of the overlap per subdomain in :meth:`overlap_batches`."""
+        return self.overlap_size // self.num_subdomains
+
+    def overlap_batches(self, epoch: int) -> np.ndarray:
+        """``(K, N, q)`` indices: for minibatch ``k`` the samples it shares with minibatch
+        ``k + 1`` (the last ``o`` of ``M_k``), cut into ``N`` equal shares of ``q = o // N``
+        (the last ``o % N`` dropped), for multi-batch curvature pairs (Berahas, Nocedal &
+        Takáč 2016; ``curvature_pairs="multi_batch"``). For the epoch's last minibatch these are
+        the samples a next window would share (the next epoch starts a new permutation); a
+        pair on them is as consistent as any other, since both of its gradients are taken on
+        the same samples.
+
+        Raises:
+          ValueError: ``o < N`` (no sample per subdomain); raise ``overlap`` or the batch size.
+        """
+        q = self.pair_share
+        if q == 0:
+            raise ValueError(
+                f"the overlap between consecutive minibatches holds {self.overlap_size} samples, "
+                f"fewer than the {self.num_subdomains} subdomains: multi-batch curvature pairs "
+                "need at least one per subdomain; raise overlap (or the batch size)."
+            )
+        mini = self.epoch(epoch).minibatches
+        u, o, N = self.minibatch_size, self.overlap_size, self.num_subdomains
+        return mini[:, u - o: u - o + N * q].reshape(mini.shape[0], N, q)
+
     def epochs(self, start: int = 0):
         """Yield :meth:`epoch` for ``start, start + 1, ...`` (endless)."""
         e = start
