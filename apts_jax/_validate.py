@@ -190,6 +190,7 @@ def apts_options(options: Any) -> Any:
                 f"unknown {name} {value!r}; use one of {list(allowed)} ({name}={allowed[0]!r} is "
                 "the paper's method)."
             )
+    local_steps(options.local_steps)
     window = options.nonmonotone_window
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 10_000:
         raise ValueError(

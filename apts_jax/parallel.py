@@ -326,7 +326,7 @@ def make_apts(
     params: Any,
     layout: SubdomainLayout,
     *,
-    local_steps: int = 5,
+    local_steps: int | None = None,
     model: str | None = None,
     memory_size: int = 5,
     radius: RadiusConfig = DEFAULT_RADIUS_CONFIG,
@@ -366,13 +366,12 @@ def make_apts(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-    _validate.local_steps(local_steps)
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-        global_step=global_step, model=model, memory_size=memory_size,
+        global_step=global_step, model=model, local_steps=local_steps, memory_size=memory_size,
     )
-    model = options.model
+    model, local_steps = options.model, options.local_steps
     config = _validate.radius_config(
         radius, initial_radius=initial_radius, min_radius=min_radius, max_radius=max_radius,
         eta1=eta1, eta2=eta2, shrink=shrink, grow=grow, boundary_fraction=boundary_fraction,
@@ -544,7 +543,7 @@ def solve(
     devices: Sequence[jax.Device] | int | None = None,
     max_iterations: int = 100,
     gtol: float = 1e-6,
-    local_steps: int = 5,
+    local_steps: int | None = None,
     model: str | None = None,
     memory_size: int = 5,
     check_vma: bool = True,
@@ -588,12 +587,12 @@ def solve(
     options = resolve_options(
         preset, local_boundary=local_boundary, combine=combine, acceptance=acceptance,
         nonmonotone_window=nonmonotone_window, norm=norm, curvature_pairs=curvature_pairs,
-        global_step=global_step, model=model, memory_size=memory_size,
+        global_step=global_step, model=model, local_steps=local_steps, memory_size=memory_size,
     )  # validated before any device work
     layout = subdomain_layout(subdomains, devices)
     sharded = split_data(layout, data)
     prog = make_apts(
-        loss_fn, params, layout, local_steps=local_steps, memory_size=memory_size,
+        loss_fn, params, layout, memory_size=memory_size,
         check_vma=check_vma, radius=radius, preset=options, **radius_constants,
     )
     state = prog.init(params, sharded)

@@ -186,7 +186,8 @@ def test_presets_the_default_and_every_field_is_validated():
     assert PAPER.model == "sr1" and PAPER.norm == "l2" and PAPER.combine == "sum"
     assert TUNING_FREE == resolve_options() == resolve_options("tuning_free") == DEFAULT_OPTIONS
     assert TUNING_FREE == PAPER._replace(local_boundary="adaptive", combine="mean",
-                                         norm="adaptive", model="first_order")
+                                         norm="adaptive", model="first_order", local_steps=10)
+    assert PAPER.local_steps == 5 and resolve_options("paper", local_steps=3).local_steps == 3
     assert apts_jax.PAPER is PAPER and apts_jax.APTSOptions is APTSOptions
     assert apts_jax.DEFAULT_OPTIONS is DEFAULT_OPTIONS and apts_jax.TUNING_FREE is TUNING_FREE
     assert set(PRESETS) == {"paper", "tuning_free"}
@@ -206,6 +207,8 @@ def test_presets_the_default_and_every_field_is_validated():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="nonmonotone_window"):
             resolve_options(nonmonotone_window=bad)
+        with pytest.raises(ValueError, match="local_steps"):
+            resolve_options(local_steps=bad)
     assert resolve_options(norm="adaptive").norm == "adaptive"
     with pytest.raises(ValueError, match="unknown norm 'linf'"):
         resolve_options(norm="linf")

@@ -254,19 +254,22 @@ def test_apts_option_flags_match_the_library():
     "argv, num_train, want",
     [
         # the default: tuning-free preset, first-order model, max(256, min(10000, n)/16) samples
-        (["--optimizer", "sapts"], 60_000, ("tuning_free", False, 624, 5)),
-        (["--optimizer", "sapts", "--subdomains", "1"], 60_000, ("tuning_free", False, 625, 5)),
-        (["--optimizer", "sapts"], 2_000, ("tuning_free", False, 256, 5)),
-        (["--optimizer", "sapts", "--second-order"], 60_000, ("tuning_free", True, 624, 5)),
+        (["--optimizer", "sapts"], 60_000, ("tuning_free", False, 624, 10)),
+        (["--optimizer", "sapts", "--subdomains", "1"], 60_000, ("tuning_free", False, 625, 10)),
+        (["--optimizer", "sapts"], 2_000, ("tuning_free", False, 256, 10)),
+        (["--optimizer", "sapts", "--second-order"], 60_000, ("tuning_free", True, 624, 10)),
         # the paper's method: L-SR1 and its 10,000-sample minibatches
         (["--optimizer", "sapts", "--preset", "paper"], 60_000, ("paper", True, 10_000, 5)),
         (["--optimizer", "sapts", "--preset", "paper", "--subdomains", "3"], 5_000,
          ("paper", True, 4_998, 5)),
         (["--optimizer", "apts", "--preset", "paper", "--first-order"], 60_000,
          ("paper", False, None, 5)),
-        (["--optimizer", "apts"], 60_000, ("tuning_free", False, None, 5)),
-        (["--optimizer", "tr"], 60_000, (None, True, None, 5)),
-        (["--optimizer", "tr", "--first-order"], 60_000, (None, False, None, 5)),
+        (["--optimizer", "apts"], 60_000, ("tuning_free", False, None, 10)),
+        (["--optimizer", "sapts", "--local-steps", "3"], 60_000, ("tuning_free", False, 624, 3)),
+        (["--optimizer", "sapts", "--preset", "paper", "--local-steps", "7"], 60_000,
+         ("paper", True, 10_000, 7)),
+        (["--optimizer", "tr"], 60_000, (None, True, None, None)),
+        (["--optimizer", "tr", "--first-order"], 60_000, (None, False, None, None)),
     ],
 )
 def test_resolved_defaults_follow_the_preset(argv, num_train, want):

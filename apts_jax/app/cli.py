@@ -121,8 +121,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="use the first D devices; on CPU, D devices are simulated if JAX has "
                         "not started yet (default: every local device)")
     g.add_argument("--local-steps", type=_positive_int, default=d["local_steps"], metavar="K",
-                   help="local trust-region steps per subdomain and outer iteration "
-                        "(default %(default)s)")
+                   help="apts/sapts: local trust-region steps per subdomain and outer iteration "
+                        "(default: the preset's, 10 for tuning_free, 5 for paper)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--second-order", dest="second_order", action="store_true", default=None,
                        help="L-SR1 quadratic model, OBS subproblem solver (default of tr and of "

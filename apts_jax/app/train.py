@@ -91,8 +91,9 @@ def resolve_config(cfg: TrainConfig, num_train: int) -> TrainConfig:
         # trust-region model when neither --first-order nor --second-order was given.
         preset = cfg.preset or DEFAULT_PRESET
         model = PRESETS[preset].model if cfg.second_order is None else cfg.tr_model
+        nu = PRESETS[preset].local_steps if cfg.local_steps is None else cfg.local_steps
         cfg = cfg.replace(devices=d, subdomains=n, preset=preset,
-                          second_order=model == "sr1")
+                          second_order=model == "sr1", local_steps=nu)
         if cfg.curvature_pairs == "multi_batch" and model != "sr1":
             raise UsageError(
                 "--curvature-pairs multi_batch forms the pairs of the L-SR1 memory; the "
