@@ -169,9 +169,9 @@ class APTSOptions(NamedTuple):
         batch (full-batch APTS: the next batch is the same), and the pair costs no evaluation
         (:math:`\nabla f(\theta_{k+1})` and :math:`\nabla f(\theta_k)` on that batch are
         known). Offered at every outer iteration through the SR1 skip rule; when both steps
-        were rejected :math:`s_k = 0` and nothing is stored. Needs
-        ``model="sr1"`` and ``global_step="tr"``. The local phases keep their same-batch pairs
-        (their gradients are on the subdomain's own data, at no extra cost).
+        were rejected :math:`s_k = 0` and nothing is stored. Needs ``model="sr1"`` and
+        ``global_step="tr"``. The local phases keep their same-batch pairs (their gradients
+        are on the subdomain's own data, at no extra cost).
       model: the trust-region model of the local phases and the global step, ``"sr1"`` (paper:
         L-SR1 with the OBS subproblem solver) or ``"first_order"`` (the step to the boundary
         along :math:`-g`, in the trust-region norm). The ``model`` argument of the factories
@@ -210,10 +210,10 @@ TUNING_FREE = APTSOptions(
 adaptive local boundary, the mean of the local steps and the ellipsoidal (Adam-scaled) norm,
 :math:`\nu = 10` local steps; monotone acceptance. Chosen by ``benchmarks/tuning_free.py`` as the
 configuration with the smallest *worst* gap to a learning-rate-tuned Adam over four problems
-(README, "Tuning-free defaults"); with SAPTS it goes with minibatches of ``max(256, B/16)`` for a paper batch ``B``
-(:func:`default_minibatch`). :math:`\nu = 10` replaced the paper's 5 after the full protocol on
-the four problems (worst gap 4.4 against 9.2 tolerance units, :math:`N = 2`; level at
-:math:`N = 1`)."""
+(README, "Tuning-free defaults"); with SAPTS it goes with minibatches of ``max(256, B/16)`` for
+a paper batch ``B`` (:func:`default_minibatch`). :math:`\nu = 10` replaced the paper's 5 after
+the full protocol on the four problems (worst gap 4.4 against 9.2 tolerance units at
+:math:`N = 2`; level at :math:`N = 1`)."""
 
 #: Named presets accepted by ``preset=...``.
 PRESETS: dict[str, APTSOptions] = {"paper": PAPER, "tuning_free": TUNING_FREE}

@@ -296,7 +296,8 @@ class APTSProgram(NamedTuple):
     ``pair`` (``curvature_pairs="multi_batch"`` only): the samples that ``data`` shares with the
     next minibatch, split like ``data`` (:func:`split_data`, equal shares per subdomain, e.g.
     :meth:`apts_jax.data.OverlapSampler.overlap_batches`); the global memory's pair then has its
-    gradients on them (two evaluations of the shares). None: on ``data`` itself, at no cost.
+    gradients on them (two evaluations of the shares, not counted in ``num_fun_evals``, which
+    counts evaluations of ``data``). None: on ``data`` itself, at no cost.
       unravel: flat params -> params pytree.
       layout: the :class:`SubdomainLayout`.
     """

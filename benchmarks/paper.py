@@ -16,8 +16,8 @@ Protocol (full mode; every optimizer gets the same number of epochs, ``--epochs`
   model, adaptive local boundary, mean combination, ellipsoidal norm; no ``--preset`` and no
   model or ``--local-steps`` flag, so the run is whatever ``apts-jax train`` does by default:
   ``nu = 10`` since the default took the preset's nu; the earlier ``nu = 5`` runs are kept in
-  ``fashion_mnist/superseded-default-nu5/``), minibatches of :func:`apts_jax.default_minibatch` (624 for N = 2, 4 and 625
-  for N = 1 on 60,000 samples), the same ``N`` and overlaps;
+  ``fashion_mnist/superseded-default-nu5/``), minibatches of :func:`apts_jax.default_minibatch`
+  (624 for N = 2, 4 and 625 for N = 1 on 60,000 samples), the same ``N`` and overlaps;
 * **Adam** over 13 learning rates log-spaced in [1e-5, 1e-1], at batch 10,000 and at batch 128;
 * **SGD** (momentum 0.9) over the same learning rates and batch sizes;
 * **L-BFGS** (``optax.lbfgs``, zoom line search, memory 5), full batch, 1 iteration per epoch;

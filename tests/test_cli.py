@@ -327,8 +327,11 @@ def test_bad_flags_found_after_startup_exit_2(tmp_path, data_dir, capsys):
     assert "not divisible by --subdomains 8" in capsys.readouterr().err
     # Multi-batch pairs without the L-SR1 memory, or with too small an overlap.
     assert cli.main([*base, "--curvature-pairs", "multi_batch", "--out", str(tmp_path / "d")]) == 2
-    assert "the tuning_free preset's model is first-order: add --second-order" in (
+    assert "the tuning_free preset's model is first-order: use --second-order" in (
         capsys.readouterr().err)
+    assert cli.main([*base, "--curvature-pairs", "multi_batch", "--preset", "paper",
+                     "--first-order", "--out", str(tmp_path / "g")]) == 2
+    assert "but --first-order keeps none: use --second-order" in capsys.readouterr().err
     assert cli.main([*base, "--curvature-pairs", "multi_batch", "--second-order", "--global-step",
                      "none", "--out", str(tmp_path / "e")]) == 2
     assert "cannot be combined with --global-step none" in capsys.readouterr().err

@@ -92,13 +92,15 @@ def resolve_config(cfg: TrainConfig, num_train: int) -> TrainConfig:
         preset = cfg.preset or DEFAULT_PRESET
         model = PRESETS[preset].model if cfg.second_order is None else cfg.tr_model
         nu = PRESETS[preset].local_steps if cfg.local_steps is None else cfg.local_steps
+        if cfg.curvature_pairs == "multi_batch" and model != "sr1":
+            why = ("--first-order keeps none" if cfg.second_order is not None
+                   else f"the {preset} preset's model is first-order")
+            raise UsageError(
+                f"--curvature-pairs multi_batch forms the pairs of the L-SR1 memory, but {why}: "
+                "use --second-order"
+            )
         cfg = cfg.replace(devices=d, subdomains=n, preset=preset,
                           second_order=model == "sr1", local_steps=nu)
-        if cfg.curvature_pairs == "multi_batch" and model != "sr1":
-            raise UsageError(
-                "--curvature-pairs multi_batch forms the pairs of the L-SR1 memory; the "
-                f"{preset} preset's model is first-order: add --second-order"
-            )
         if cfg.curvature_pairs == "multi_batch" and cfg.global_step == "none":
             raise UsageError(
                 "--curvature-pairs multi_batch feeds the global step's L-SR1 memory; it cannot "
